@@ -1,0 +1,7 @@
+"""``python -m coalmine``."""
+
+import sys
+
+from coalmine.cli import main
+
+sys.exit(main())

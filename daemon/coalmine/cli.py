@@ -1,0 +1,129 @@
+"""The ``coalmine`` command line. Every local mistake exits 2 with a message, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from coalmine import __version__
+from coalmine.demo import run_demo
+from coalmine.engine import Engine, Options
+from coalmine.errors import LocalError, PolicyError, ReplayFormatError
+from coalmine.policy import json_schema
+from coalmine.policyfile import load_policies, load_policy
+from coalmine.replay import format_table, parse_records, replay
+
+EXIT_LOCAL_ERROR = 2
+EXIT_INTERNAL = 70
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coalmine",
+        description="Automated canary analysis for Cloudflare Workers gradual deployments.",
+    )
+    parser.add_argument("--version", action="version", version=f"coalmine {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check-policy", help="validate policy files")
+    check.add_argument("files", nargs="+", metavar="FILE", help="policy files or folders")
+    check.set_defaults(handler=_check_policy)
+
+    schema = commands.add_parser("schema", help="print the policy JSON Schema")
+    schema.set_defaults(handler=_schema)
+
+    rep = commands.add_parser("replay", help="run the engine over recorded observations")
+    rep.add_argument("--policy", required=True, metavar="P", help="policy file")
+    rep.add_argument(
+        "--input", required=True, metavar="FILE", help="JSON Lines observations, - for stdin"
+    )
+    rep.add_argument("--script", help="script name (default: the policy's first script)")
+    rep.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    rep.add_argument(
+        "--no-auto-rollback", action="store_true", help="page and hold instead of rolling back"
+    )
+    rep.add_argument("--no-auto-promote", action="store_true", help="stop before each advance")
+    rep.add_argument("--dry-run", action="store_true", help="mark traffic decisions as dry run")
+    rep.set_defaults(handler=_replay)
+
+    demo = commands.add_parser("demo", help="a simulated Worker: a healthy and a faulty canary")
+    demo.add_argument("--format", choices=("table", "jsonl"), default="table")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _check_policy(args: argparse.Namespace) -> int:
+    loaded = load_policies(args.files)
+    for file, policy in loaded.items():
+        print(f"{file}: ok ({policy.name}: {len(policy.rules)} rules, {len(policy.steps)} steps)")
+    return 0
+
+
+def _schema(_: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy)
+    script = args.script or policy.scripts[0]
+    options = Options(
+        auto_rollback=not args.no_auto_rollback,
+        auto_promote=not args.no_auto_promote,
+        dry_run=args.dry_run,
+    )
+    engine = Engine(policy, options)
+    name = "<stdin>" if args.input == "-" else args.input
+    try:
+        stream = sys.stdin if args.input == "-" else Path(args.input).open(encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise ReplayFormatError(name, 0, f"cannot read: {exc.strerror}") from None
+    with stream:
+        records = parse_records(stream, name, (rule.name for rule in policy.rules))
+        decisions = replay(engine, records, script)
+        if args.format == "table":
+            for line in format_table(decisions):
+                print(line)
+        else:
+            for decision in decisions:
+                print(json.dumps(decision.to_dict()))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo(args.format)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``coalmine`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_LOCAL_ERROR
+    except LocalError as exc:
+        print(f"coalmine: {exc}", file=sys.stderr)
+        return EXIT_LOCAL_ERROR
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if os.environ.get("COALMINE_DEBUG"):
+            raise
+        print(
+            f"coalmine: internal error: {type(exc).__name__}: {exc} "
+            "(this is a bug; COALMINE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The policy format: what to watch, how to judge it, and how to move traffic.
+
+These models are the contract of docs/policy.md (a test keeps the two in step). Loading a file
+and locating its problems by line lives in :mod:`coalmine.policyfile`; the checks that span
+fields (weights rising to 100, exactly one of ``above``/``below``, known placeholders, ...) are
+in :func:`semantic_problems`, so that every problem in a file is reported at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import time, timedelta
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
+
+from coalmine.durations import DURATION_PATTERN, format_duration, parse_duration
+
+Source = Literal["prometheus", "grafana", "cloudflare"]
+OnBreach = Literal["rollback", "hold", "page", "warn"]
+Phase = Literal["canary", "post_promotion"]
+Severity = Literal["critical", "error", "warning", "info"]
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+CloudflareSignal = Literal[
+    "requests",
+    "errors",
+    "error_ratio",
+    "errors_per_minute",
+    "cpu_time_p50",
+    "cpu_time_p99",
+    "wall_time_p99",
+]
+DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+PLACEHOLDERS = ("script", "version", "canary", "stable", "window")
+_PLACEHOLDER = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _duration(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError("must be a duration with a unit, e.g. 30s, 5m, 1h30m")
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["30s", "1h30m"]}),
+]
+
+
+def _time_of_day(value: object) -> time:
+    if isinstance(value, time):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"(\d{1,2}):(\d{2})", value.strip())
+        if match:
+            hour, minute = int(match[1]), int(match[2])
+            if hour == 24 and minute == 0:
+                return time.max  # "24:00": the end of the day
+            if hour < 24 and minute < 60:
+                return time(hour, minute)
+    raise ValueError('must be a time of day "HH:MM" (00:00 to 24:00)')
+
+
+def _format_time(value: time) -> str:
+    return "24:00" if value == time.max else value.strftime("%H:%M")
+
+
+TimeOfDay = Annotated[
+    time,
+    BeforeValidator(_time_of_day),
+    PlainSerializer(_format_time, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^\d{1,2}:\d{2}$", "examples": ["10:00"]}),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Analysis(_Model):
+    """How often coalmine polls and how it treats fresh and missing data."""
+
+    interval: Duration = Field(
+        default=timedelta(seconds=30), description="Poll and evaluation period."
+    )
+    warmup: Duration = Field(
+        default=timedelta(minutes=1),
+        description="After each traffic change, rules are evaluated and exported but not judged.",
+    )
+    inconclusive_page_after: Duration = Field(
+        default=timedelta(minutes=10),
+        description="Page (warning) once a gating rule has been inconclusive this long.",
+    )
+
+
+class Step(_Model):
+    """One canary weight and how long it is held before advancing."""
+
+    weight: int = Field(ge=1, le=100, description="Percent of traffic on the canary.")
+    hold: Duration = Field(
+        default=timedelta(0), description="Minimum time at this weight before advancing."
+    )
+
+
+class PostPromotion(_Model):
+    """The watch after promotion, while the old version stays the rollback target."""
+
+    watch: Duration = Field(
+        default=timedelta(0),
+        description="How long post_promotion rules run after promotion.",
+    )
+
+
+class TimeWindow(_Model):
+    """Days and a time range in which advancing is allowed."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    days: list[Day] = Field(min_length=1, description="Days the window opens on (mon..sun).")
+    from_: TimeOfDay = Field(alias="from", description='Opening time, inclusive ("HH:MM").')
+    to: TimeOfDay = Field(
+        description='Closing time, exclusive ("HH:MM", "24:00" for midnight); '
+        "earlier than `from` means the window runs past midnight."
+    )
+
+
+class DeploymentWindows(_Model):
+    """When coalmine may advance a canary. Rollbacks are allowed at any hour."""
+
+    timezone: str = Field(description="IANA timezone the windows are written in.")
+    allow: list[TimeWindow] = Field(
+        min_length=1, description="Windows in which advancing is allowed."
+    )
+
+    def zone(self) -> ZoneInfo:
+        """The timezone (validated when the policy was loaded)."""
+        return ZoneInfo(self.timezone)
+
+
+def _canary_only() -> list[Phase]:
+    return ["canary"]
+
+
+class Rule(_Model):
+    """One signal, its threshold, how long a breach must last, and what a trip does."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=100,
+        description="Unique within the policy; used in dedup keys and metric labels.",
+    )
+    description: str | None = Field(default=None, description="Shown in pages and messages.")
+    source: Source = Field(description="Where the value comes from.")
+    query: str | None = Field(
+        default=None, description="PromQL giving one number (prometheus and grafana sources)."
+    )
+    samples: str | None = Field(
+        default=None, description="PromQL giving the request count behind the value."
+    )
+    signal: CloudflareSignal | None = Field(
+        default=None, description="Built-in Workers analytics signal (cloudflare source)."
+    )
+    window: Duration = Field(
+        default=timedelta(minutes=1), description="Substituted for $window; the analytics window."
+    )
+    min_samples: float | None = Field(
+        default=None, ge=0, description="Fewer samples than this is inconclusive."
+    )
+    above: float | None = Field(default=None, description="Breaching when value > above.")
+    below: float | None = Field(default=None, description="Breaching when value < below.")
+    for_: Duration = Field(
+        default=timedelta(0),
+        alias="for",
+        description="How long a breach must last, continuously, before the rule trips.",
+    )
+    on_breach: OnBreach = Field(default="hold", description="What a trip does.")
+    phases: list[Phase] = Field(
+        default_factory=_canary_only, min_length=1, description="When the rule runs."
+    )
+    severity: Severity | None = Field(
+        default=None, description="Page severity for hold and page rules (default error)."
+    )
+
+    @property
+    def threshold(self) -> float:
+        """The ``above`` or ``below`` bound."""
+        return self.above if self.above is not None else self.below  # type: ignore[return-value]
+
+    @property
+    def operator(self) -> str:
+        """``>`` for ``above`` rules, ``<`` for ``below`` rules."""
+        return ">" if self.above is not None else "<"
+
+    @property
+    def gating(self) -> bool:
+        """Whether the rule gates advancement (``rollback`` and ``hold`` rules do)."""
+        return self.on_breach in ("rollback", "hold")
+
+
+class Policy(_Model):
+    """A whole policy file."""
+
+    version: Literal[1] = Field(description="Format version; always 1.")
+    name: str = Field(min_length=1, description="Shown in pages, messages and the journal.")
+    scripts: list[str] = Field(min_length=1, description="Worker script names this policy governs.")
+    analysis: Analysis = Field(default_factory=Analysis)
+    steps: list[Step] = Field(min_length=1, description="Canary weights, rising to 100.")
+    post_promotion: PostPromotion = Field(default_factory=PostPromotion)
+    deployment_windows: DeploymentWindows | None = Field(
+        default=None, description="Advancing only inside these windows; omitted means always."
+    )
+    rules: list[Rule] = Field(default_factory=list)
+
+
+Path = tuple[str | int, ...]
+
+
+def semantic_problems(policy: Policy) -> list[tuple[Path, str]]:
+    """Every cross-field problem of a structurally valid policy, each with its data path."""
+    return [
+        *_step_problems(policy),
+        *_rule_problems(policy),
+        *_window_problems(policy),
+        *_misc_problems(policy),
+    ]
+
+
+def _step_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
+    steps = policy.steps
+    for i in range(1, len(steps)):
+        if steps[i].weight <= steps[i - 1].weight:
+            yield (
+                ("steps", i, "weight"),
+                f"weights must rise strictly: {steps[i].weight} after {steps[i - 1].weight}",
+            )
+    if steps[-1].weight != 100:
+        yield (("steps", len(steps) - 1, "weight"), "the last step must be 100 (promotion)")
+    elif steps[-1].hold:
+        yield (
+            ("steps", len(steps) - 1, "hold"),
+            "the last step is the promotion and is not held; use post_promotion.watch",
+        )
+    if len(steps) < 2:
+        yield (("steps",), "needs at least one canary step below 100 before the final 100")
+
+
+def _rule_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
+    first_seen: dict[str, int] = {}
+    for i, rule in enumerate(policy.rules):
+        at: Path = ("rules", i)
+        if rule.name in first_seen:
+            yield (
+                (*at, "name"),
+                f"duplicate rule name {rule.name!r} (also rules[{first_seen[rule.name]}])",
+            )
+        first_seen.setdefault(rule.name, i)
+        if rule.above is None and rule.below is None:
+            yield (at, "set exactly one of above or below")
+        elif rule.above is not None and rule.below is not None:
+            yield ((*at, "below"), "set exactly one of above or below, not both")
+        yield from _source_problems(rule, at)
+        if len(set(rule.phases)) != len(rule.phases):
+            yield ((*at, "phases"), "lists a phase twice")
+        if rule.window <= timedelta(0):
+            yield ((*at, "window"), "must be longer than 0s")
+        if rule.severity is not None and rule.on_breach in ("rollback", "warn"):
+            yield (
+                (*at, "severity"),
+                f"has no effect on a {rule.on_breach} rule "
+                "(rollback pages are critical; warn rules post to Slack)",
+            )
+
+
+def _source_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
+    if rule.source == "cloudflare":
+        if rule.signal is None:
+            yield ((*at, "signal"), "a cloudflare rule needs a signal")
+        for field in ("query", "samples"):
+            if getattr(rule, field) is not None:
+                yield ((*at, field), "a cloudflare rule takes a signal, not PromQL")
+        return
+    if rule.signal is not None:
+        yield ((*at, "signal"), f"a {rule.source} rule takes a query, not a signal")
+    if not rule.query or not rule.query.strip():
+        yield ((*at, "query"), f"a {rule.source} rule needs a query")
+    for field in ("query", "samples"):
+        text = getattr(rule, field)
+        for match in _PLACEHOLDER.finditer(text or ""):
+            name = match[1] or match[2]
+            if name not in PLACEHOLDERS:
+                known = ", ".join("$" + p for p in PLACEHOLDERS)
+                yield ((*at, field), f"unknown placeholder ${name}; known: {known}")
+
+
+def _window_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
+    windows = policy.deployment_windows
+    if windows is None:
+        return
+    try:
+        ZoneInfo(windows.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        yield (("deployment_windows", "timezone"), f"unknown timezone {windows.timezone!r}")
+    for i, window in enumerate(windows.allow):
+        if window.from_ == window.to:
+            yield (("deployment_windows", "allow", i, "to"), "must differ from `from`")
+        if len(set(window.days)) != len(window.days):
+            yield (("deployment_windows", "allow", i, "days"), "lists a day twice")
+
+
+def _misc_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
+    if policy.analysis.interval <= timedelta(0):
+        yield (("analysis", "interval"), "must be longer than 0s")
+    seen: set[str] = set()
+    for i, script in enumerate(policy.scripts):
+        if script in seen:
+            yield (("scripts", i), f"lists script {script!r} twice")
+        seen.add(script)
+
+
+def json_schema() -> dict[str, Any]:
+    """The policy's JSON Schema, for editors and CI linting."""
+    schema = Policy.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "coalmine policy"
+    return schema

@@ -1,0 +1,206 @@
+"""``coalmine replay``: the pure engine over recorded observations (DESIGN.md's replay format).
+
+Each input line is one of::
+
+    {"t": …, "deployment": {"canary": "v2", "stable": "v1", "canary_percent": 10}}
+    {"t": …, "rule": "error_rate", "version": "canary"|"stable", "value": 0.01, "samples": 1800}
+    {"t": …, "rule": "error_rate", "version": "canary", "error": "timeout"}
+    {"t": …, "command": "pause"|"resume"|"promote"|"rollback"}   (or "start" with "version")
+
+Lines sharing a ``t`` form one tick: deployments and commands apply first, in file order, then
+the engine evaluates the tick's observations (only when there are any).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC as _UTC
+from datetime import datetime
+from typing import Any, get_args
+
+from coalmine.engine import Command, Decision, Deployment, Engine, Observation
+from coalmine.engine.model import CommandKind
+from coalmine.errors import ReplayFormatError
+
+_COMMANDS = get_args(CommandKind)
+_VALUE_STRINGS = {"NaN": math.nan, "+Inf": math.inf, "-Inf": -math.inf}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One parsed input line: exactly one of deployment, command, observation is set."""
+
+    t: datetime
+    line: int
+    deployment: Deployment | None = None
+    command: Command | None = None
+    observation: Observation | None = None
+
+
+def parse_records(lines: Iterable[str], file: str, rules: Iterable[str]) -> Iterator[Record]:
+    """Parse replay lines lazily; raise :class:`ReplayFormatError` naming the first bad line."""
+    known = set(rules)
+    last: datetime | None = None
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = _parse_line(text, number, known)
+        except _Bad as exc:
+            raise ReplayFormatError(file, number, str(exc)) from None
+        if last is not None and record.t < last:
+            raise ReplayFormatError(file, number, f"t goes back in time (after {last.isoformat()})")
+        last = record.t
+        yield record
+
+
+class _Bad(Exception):
+    pass
+
+
+def _parse_line(text: str, number: int, known: set[str]) -> Record:
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        raise _Bad(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _Bad("each line must be a JSON object")
+    t = _time(data.get("t"))
+    if "deployment" in data:
+        _only(data, {"t", "deployment"})
+        return Record(t, number, deployment=_deployment(data["deployment"]))
+    if "command" in data:
+        _only(data, {"t", "command", "version"})
+        return Record(t, number, command=_command(data))
+    if "rule" in data:
+        _only(data, {"t", "rule", "version", "value", "samples", "error"})
+        return Record(t, number, observation=_observation(data, known))
+    raise _Bad('a line needs one of "deployment", "rule" or "command"')
+
+
+def _refuse_constant(name: str) -> None:
+    raise _Bad(f'bare {name} is not JSON; write the string "NaN", "+Inf" or "-Inf"')
+
+
+def _only(data: dict[str, Any], allowed: set[str]) -> None:
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise _Bad(f"unknown field {extra[0]!r}")
+
+
+def _time(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise _Bad('"t" must be an RFC 3339 time string, e.g. "2026-03-03T18:00:00Z"')
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise _Bad(f'"t" {value!r} is not an RFC 3339 time') from None
+    if t.tzinfo is None:
+        raise _Bad(f'"t" {value!r} has no timezone; add Z or an offset')
+    return t
+
+
+def _deployment(value: object) -> Deployment:
+    if not isinstance(value, dict):
+        raise _Bad('"deployment" must be an object with canary, stable and canary_percent')
+    _only(value, {"canary", "stable", "canary_percent"})
+    stable, canary, percent = (
+        value.get("stable"),
+        value.get("canary"),
+        value.get("canary_percent", 0),
+    )
+    if not isinstance(stable, str) or not stable:
+        raise _Bad('"deployment.stable" must be a version id')
+    if canary is not None and not isinstance(canary, str):
+        raise _Bad('"deployment.canary" must be a version id or null')
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 100:
+        raise _Bad('"deployment.canary_percent" must be a whole number from 0 to 100')
+    return Deployment.of(stable, canary, percent)
+
+
+def _command(data: dict[str, Any]) -> Command:
+    kind = data["command"]
+    if kind not in _COMMANDS:
+        raise _Bad(f'"command" must be one of {", ".join(_COMMANDS)}')
+    version = data.get("version")
+    if kind == "start" and (not isinstance(version, str) or not version):
+        raise _Bad('a "start" command needs "version"')
+    if kind != "start" and "version" in data:
+        raise _Bad('only a "start" command takes "version"')
+    return Command(kind, version)
+
+
+def _observation(data: dict[str, Any], known: set[str]) -> Observation:
+    rule = data["rule"]
+    if not isinstance(rule, str) or rule not in known:
+        raise _Bad(
+            f"unknown rule {rule!r}; the policy has: {', '.join(sorted(known)) or 'no rules'}"
+        )
+    role = data.get("version")
+    if role not in ("canary", "stable"):
+        raise _Bad('"version" must be "canary" or "stable"')
+    error = data.get("error")
+    if error is not None and not isinstance(error, str):
+        raise _Bad('"error" must be a string')
+    if error is None and "value" not in data:
+        raise _Bad(
+            'an observation needs "value" (a number, null, "NaN", "+Inf", "-Inf") or "error"'
+        )
+    return Observation(
+        rule,
+        role,
+        _number(data.get("value"), "value"),
+        _number(data.get("samples"), "samples"),
+        error,
+    )
+
+
+def _number(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value in _VALUE_STRINGS:
+        return _VALUE_STRINGS[value]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad(f'"{name}" must be a number, null, "NaN", "+Inf" or "-Inf"')
+    return float(value)
+
+
+def replay(engine: Engine, records: Iterable[Record], script: str) -> Iterator[Decision]:
+    """Run the engine over records, yielding its decisions in order."""
+    state = engine.new_state(script)
+    pending: list[Observation] = []
+    tick_at: datetime | None = None
+    for record in records:
+        if tick_at is not None and record.t != tick_at:
+            if pending:
+                outcome = engine.tick(state, tick_at, pending)
+                state = outcome.state
+                yield from outcome.decisions
+            pending = []
+        tick_at = record.t
+        if record.observation is not None:
+            pending.append(record.observation)
+            continue
+        if record.deployment is not None:
+            outcome = engine.observe_deployment(state, record.deployment, record.t)
+        else:
+            assert record.command is not None
+            outcome = engine.command(state, record.command, record.t)
+        state = outcome.state
+        yield from outcome.decisions
+    if pending and tick_at is not None:
+        yield from engine.tick(state, tick_at, pending).decisions
+
+
+def format_table(decisions: Iterable[Decision]) -> Iterator[str]:
+    """A readable timeline, one decision a line."""
+    yield f"{'time (UTC)':<20}  {'action':<11}  {'canary':>6}  reason"
+    for d in decisions:
+        percent = f"{d.canary_percent}%" if d.canary_percent is not None else ""
+        flag = " [dry run]" if d.dry_run else ""
+        severity = f"[{d.severity}] " if d.severity else ""
+        when = d.t.astimezone(_UTC).strftime("%Y-%m-%d %H:%M:%S")
+        yield f"{when:<20}  {d.action:<11}  {percent:>6}  {severity}{d.reason}{flag}"
