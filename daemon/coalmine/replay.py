@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, get_args
 
 from coalmine.engine import Command, Decision, Deployment, Engine, Observation
-from coalmine.engine.model import CommandKind
+from coalmine.engine.model import CommandKind, encode_float, format_time
 from coalmine.errors import ReplayFormatError
 
 _COMMANDS = get_args(CommandKind)
@@ -38,6 +38,31 @@ class Record:
     deployment: Deployment | None = None
     command: Command | None = None
     observation: Observation | None = None
+
+    def to_json(self) -> str:
+        """The record as one replay line (the inverse of parsing it)."""
+        out: dict[str, Any] = {"t": format_time(self.t)}
+        if self.deployment is not None:
+            d = self.deployment
+            out["deployment"] = {
+                "canary": d.canary,
+                "stable": d.stable,
+                "canary_percent": d.canary_percent,
+            }
+        elif self.command is not None:
+            out["command"] = self.command.kind
+            if self.command.version is not None:
+                out["version"] = self.command.version
+        elif self.observation is not None:
+            o = self.observation
+            out.update(rule=o.rule, version=o.role)
+            if o.error is not None:
+                out["error"] = o.error
+            else:
+                out["value"] = None if o.value is None else encode_float(o.value)
+            if o.samples is not None:
+                out["samples"] = encode_float(o.samples)
+        return json.dumps(out)
 
 
 def parse_records(lines: Iterable[str], file: str, rules: Iterable[str]) -> Iterator[Record]:
