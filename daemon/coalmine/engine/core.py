@@ -618,7 +618,7 @@ def _with_pages(track: RuleTrack, paged: bool, inconclusive_paged: bool) -> Rule
 
 
 def _num(value: float | None) -> str:
-    return "none" if value is None else f"{value:.6g}"
+    return "none" if value is None else f"{value:.4g}"
 
 
 def _value_text(rule: CompiledRule, track: RuleTrack) -> str:
@@ -637,7 +637,8 @@ def _inconclusive_text(track: RuleTrack) -> str:
 
 def _trip_text(rule: CompiledRule, track: RuleTrack, consequence: str) -> str:
     since = format_time(track.breached_since) if track.breached_since else "now"
+    stable = f" (stable {_num(track.stable_value)})" if track.stable_value is not None else ""
     return (
-        f"{rule.name} tripped: {_value_text(rule, track)}, breaching since {since} "
+        f"{rule.name} tripped: {_value_text(rule, track)}{stable}, breaching since {since} "
         f"(for {format_duration(rule.for_)}): {consequence}"
     )

@@ -132,7 +132,8 @@ class Decision:
         ):
             value = getattr(self, name)
             if value is not None:
-                out[name] = _json_value(value)
+                whole = name == "samples" and isinstance(value, float) and value.is_integer()
+                out[name] = int(value) if whole else _json_value(value)
         out["reason"] = self.reason
         out.update(script=self.script, canary=self.canary, stable=self.stable, actor=self.actor)
         if self.dry_run:
