@@ -12,10 +12,12 @@ from pathlib import Path
 from coalmine import __version__
 from coalmine.demo import run_demo
 from coalmine.engine import Engine, Options
-from coalmine.errors import LocalError, PolicyError, ReplayFormatError
+from coalmine.errors import CoalmineError, ConfigError, LocalError, PolicyError, ReplayFormatError
 from coalmine.policy import json_schema
 from coalmine.policyfile import load_policies, load_policy
 from coalmine.replay import format_table, parse_records, replay
+from coalmine.settings import load_settings
+from coalmine.store import Store
 
 EXIT_LOCAL_ERROR = 2
 EXIT_INTERNAL = 70
@@ -49,6 +51,23 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-auto-promote", action="store_true", help="stop before each advance")
     rep.add_argument("--dry-run", action="store_true", help="mark traffic decisions as dry run")
     rep.set_defaults(handler=_replay)
+
+    journal = commands.add_parser("journal", help="check or export the decision journal")
+    journal_commands = journal.add_subparsers(
+        dest="journal_command", required=True, metavar="ACTION"
+    )
+    verify = journal_commands.add_parser("verify", help="check the journal's hash chain")
+    export = journal_commands.add_parser("export", help="write the journal as JSON Lines")
+    export.add_argument("--since", type=int, default=0, metavar="SEQ", help="entries after SEQ")
+    export.add_argument(
+        "--output", default="-", metavar="FILE", help="file to write (default stdout)"
+    )
+    for sub in (verify, export):
+        sub.add_argument(
+            "--state", metavar="PATH", help="database file (default: COALMINE_STATE_URL)"
+        )
+    verify.set_defaults(handler=_journal_verify)
+    export.set_defaults(handler=_journal_export)
 
     demo = commands.add_parser("demo", help="a simulated Worker: a healthy and a faulty canary")
     demo.add_argument("--format", choices=("table", "jsonl"), default="table")
@@ -94,6 +113,34 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(args: argparse.Namespace) -> Store:
+    path = Path(args.state) if args.state else load_settings().state_path
+    if not path.is_file():
+        raise ConfigError(f"no state database at {path} (set COALMINE_STATE_URL or --state)")
+    return Store(path)
+
+
+def _journal_verify(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        result = store.verify_journal()
+    if result.ok:
+        print(f"journal ok: {result.entries} entries, head {result.head}")
+        return 0
+    print(f"journal BROKEN after {result.entries} good entries: {result.problem}", file=sys.stderr)
+    return 1
+
+
+def _journal_export(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        lines = (json.dumps(entry.to_dict()) + "\n" for entry in store.journal(since=args.since))
+        if args.output == "-":
+            sys.stdout.writelines(lines)
+        else:
+            with Path(args.output).open("w", encoding="utf-8") as out:
+                out.writelines(lines)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.format)
 
@@ -110,6 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LocalError as exc:
         print(f"coalmine: {exc}", file=sys.stderr)
         return EXIT_LOCAL_ERROR
+    except CoalmineError as exc:
+        print(f"coalmine: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
     except KeyboardInterrupt:

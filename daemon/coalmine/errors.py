@@ -8,6 +8,7 @@ Everything coalmine raises on purpose derives from :class:`CoalmineError`::
     │   ├── ReplayFormatError      a replay input line is malformed; names the line
     │   └── ConfigError            an environment variable is missing or malformed
     ├── RemoteError                a dependency failed: retry, report degraded, never crash
+    │   └── StoreError             the state database refused a read or a write
     └── IllegalTransition          a bug: the engine tried a lifecycle move its table forbids
 
 Foreign exceptions (yaml, json, pydantic, and later httpx and sqlite3) are translated into
@@ -66,6 +67,10 @@ class ConfigError(LocalError):
 
 class RemoteError(CoalmineError):
     """A dependency (a metrics source, an API, the state store) failed."""
+
+
+class StoreError(RemoteError):
+    """The state database failed (locked, full, corrupt, from a newer coalmine)."""
 
 
 class IllegalTransition(CoalmineError):

@@ -1,0 +1,430 @@
+"""The state store: SQLite in WAL mode with versioned migrations.
+
+What it keeps, per table:
+
+- ``rollouts``: each script's :class:`~coalmine.engine.RolloutState` as JSON;
+- ``intents``: a traffic change persisted *before* the API call, finished after it, so a crash
+  between the two is reconciled against the live deployment on restart;
+- ``outbox``: notifications waiting for delivery, retried until delivered, across restarts;
+- ``journal``: every decision, append-only (triggers refuse UPDATE and DELETE) and hash-chained:
+  each entry's ``hash`` is SHA-256 over the previous hash and the entry's canonical JSON, so
+  :meth:`Store.verify_journal` finds any edit, deletion or reordering.
+
+State, journal entries and outbox items of one tick are written in one transaction
+(:meth:`Store.commit`): after a crash either all of a tick's effects are recorded or none.
+Every ``sqlite3`` error becomes a :class:`~coalmine.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from coalmine.engine.model import format_time
+from coalmine.errors import StoreError
+
+GENESIS = "0" * 64
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE rollouts (
+        script     TEXT PRIMARY KEY,
+        state      TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE intents (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        script      TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        body        TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        finished_at TEXT,
+        result      TEXT
+    );
+    CREATE INDEX intents_open ON intents (script) WHERE finished_at IS NULL;
+    CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel         TEXT NOT NULL,
+        dedup_key       TEXT,
+        payload         TEXT NOT NULL,
+        created_at      TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at TEXT NOT NULL,
+        delivered_at    TEXT,
+        last_error      TEXT
+    );
+    CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE delivered_at IS NULL;
+    CREATE TABLE journal (
+        seq         INTEGER PRIMARY KEY,
+        t           TEXT NOT NULL,
+        recorded_at TEXT NOT NULL,
+        script      TEXT NOT NULL,
+        actor       TEXT NOT NULL,
+        action      TEXT NOT NULL,
+        body        TEXT NOT NULL,
+        prev_hash   TEXT NOT NULL,
+        hash        TEXT NOT NULL
+    );
+    CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal
+        BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
+    CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal
+        BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
+    """,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One journaled decision (or operator action) as stored."""
+
+    seq: int
+    t: str
+    recorded_at: str
+    script: str
+    actor: str
+    action: str
+    body: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as exported for auditors."""
+        return {
+            "seq": self.seq,
+            "t": self.t,
+            "recorded_at": self.recorded_at,
+            "script": self.script,
+            "actor": self.actor,
+            "action": self.action,
+            "body": self.body,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A notification waiting for delivery."""
+
+    id: int
+    channel: str
+    dedup_key: str | None
+    payload: dict[str, Any]
+    attempts: int
+    next_attempt_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A traffic change coalmine meant to make; unfinished ones are reconciled at start-up."""
+
+    id: int
+    script: str
+    kind: str
+    body: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The result of checking the journal's hash chain."""
+
+    ok: bool
+    entries: int
+    head: str
+    problem: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """A journal entry to append: the hash chain is computed by the store."""
+
+    t: datetime
+    script: str
+    actor: str
+    action: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NewNotification:
+    """An outbox item to enqueue."""
+
+    channel: str
+    payload: dict[str, Any]
+    dedup_key: str | None = None
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def entry_hash(
+    prev_hash: str,
+    seq: int,
+    t: str,
+    recorded_at: str,
+    script: str,
+    actor: str,
+    action: str,
+    body: dict[str, Any],
+) -> str:
+    """The chain hash of one entry."""
+    content = _canonical(
+        {
+            "seq": seq,
+            "t": t,
+            "recorded_at": recorded_at,
+            "script": script,
+            "actor": actor,
+            "action": action,
+            "body": body,
+        }
+    )
+    return hashlib.sha256((prev_hash + content).encode()).hexdigest()
+
+
+class Store:
+    """One SQLite database. Not thread-safe: the daemon uses it from one worker thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open state database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # ---- schema ------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"state database {self.path} has schema {version}, newer than this coalmine "
+                f"({len(MIGRATIONS)}); upgrade coalmine or point COALMINE_STATE_URL elsewhere"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            with self._transaction() as db:
+                db.executescript(
+                    f"BEGIN IMMEDIATE; {MIGRATIONS[number]};"
+                    f" PRAGMA user_version = {number + 1}; COMMIT;"
+                )
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the database is at."""
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            yield self._db
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"state database {self.path}: {exc}") from None
+            raise
+
+    # ---- one tick, atomically ----------------------------------------------------------------
+
+    def commit(
+        self,
+        script: str,
+        state: dict[str, Any],
+        entries: Sequence[NewEntry] = (),
+        notifications: Sequence[NewNotification] = (),
+        now: datetime | None = None,
+    ) -> None:
+        """Persist a script's new state with its journal entries and notifications, atomically."""
+        recorded = format_time(now or datetime.now(UTC))
+        with self._transaction() as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "INSERT INTO rollouts (script, state, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (script) DO UPDATE"
+                " SET state = excluded.state, updated_at = excluded.updated_at",
+                (script, _canonical(state), recorded),
+            )
+            self._append(db, entries, recorded)
+            for item in notifications:
+                db.execute(
+                    "INSERT INTO outbox (channel, dedup_key, payload, created_at, next_attempt_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (item.channel, item.dedup_key, _canonical(item.payload), recorded, recorded),
+                )
+            db.execute("COMMIT")
+
+    def _append(self, db: sqlite3.Connection, entries: Sequence[NewEntry], recorded: str) -> None:
+        row = db.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+        for entry in entries:
+            seq += 1
+            t = format_time(entry.t)
+            digest = entry_hash(
+                prev, seq, t, recorded, entry.script, entry.actor, entry.action, entry.body
+            )
+            db.execute(
+                "INSERT INTO journal"
+                " (seq, t, recorded_at, script, actor, action, body, prev_hash, hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    seq,
+                    t,
+                    recorded,
+                    entry.script,
+                    entry.actor,
+                    entry.action,
+                    _canonical(entry.body),
+                    prev,
+                    digest,
+                ),
+            )
+            prev = digest
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Every script's last persisted state."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT script, state FROM rollouts").fetchall()
+        return {script: json.loads(state) for script, state in rows}
+
+    # ---- journal -----------------------------------------------------------------------------
+
+    def journal(self, since: int = 0) -> Iterator[JournalEntry]:
+        """Journal entries with ``seq > since``, oldest first."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "SELECT seq, t, recorded_at, script, actor, action, body, prev_hash, hash "
+                "FROM journal WHERE seq > ? ORDER BY seq",
+                (since,),
+            )
+            for seq, t, recorded, script, actor, action, body, prev, digest in cursor:
+                yield JournalEntry(
+                    seq, t, recorded, script, actor, action, json.loads(body), prev, digest
+                )
+
+    def verify_journal(self) -> Verification:
+        """Recompute the hash chain; report the first entry that does not match."""
+        prev, count = GENESIS, 0
+        for entry in self.journal():
+            count += 1
+            if entry.seq != count:
+                return Verification(
+                    False, count - 1, prev, f"entry {count} is missing (found seq {entry.seq})"
+                )
+            if entry.prev_hash != prev:
+                return Verification(
+                    False,
+                    count - 1,
+                    prev,
+                    f"entry {entry.seq}: prev_hash does not match entry {entry.seq - 1}",
+                )
+            expected = entry_hash(
+                prev,
+                entry.seq,
+                entry.t,
+                entry.recorded_at,
+                entry.script,
+                entry.actor,
+                entry.action,
+                entry.body,
+            )
+            if entry.hash != expected:
+                return Verification(
+                    False, count - 1, prev, f"entry {entry.seq}: content does not match its hash"
+                )
+            prev = entry.hash
+        return Verification(True, count, prev)
+
+    # ---- intents -----------------------------------------------------------------------------
+
+    def begin_intent(self, script: str, kind: str, body: dict[str, Any], now: datetime) -> int:
+        """Record a traffic change about to be made; returns its id."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO intents (script, kind, body, created_at) VALUES (?, ?, ?, ?)",
+                (script, kind, _canonical(body), format_time(now)),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def finish_intent(self, intent_id: int, result: dict[str, Any], now: datetime) -> None:
+        """Mark an intent done, with what the API answered."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE intents SET finished_at = ?, result = ? WHERE id = ?",
+                (format_time(now), _canonical(result), intent_id),
+            )
+
+    def open_intents(self) -> list[Intent]:
+        """Intents started and never finished (a crash in between)."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, script, kind, body, created_at FROM intents"
+                " WHERE finished_at IS NULL ORDER BY id"
+            ).fetchall()
+        return [Intent(i, s, k, json.loads(b), datetime.fromisoformat(c)) for i, s, k, b, c in rows]
+
+    # ---- outbox ------------------------------------------------------------------------------
+
+    def due(self, now: datetime, limit: int = 50) -> list[OutboxItem]:
+        """Undelivered notifications whose next attempt is due, oldest first."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, channel, dedup_key, payload, attempts, next_attempt_at FROM outbox "
+                "WHERE delivered_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (format_time(now), limit),
+            ).fetchall()
+        return [
+            OutboxItem(i, c, d, json.loads(p), a, datetime.fromisoformat(n))
+            for i, c, d, p, a, n in rows
+        ]
+
+    def delivered(self, item_id: int, now: datetime) -> None:
+        """Mark a notification delivered."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbox SET delivered_at = ?, attempts = attempts + 1, last_error = NULL"
+                " WHERE id = ?",
+                (format_time(now), item_id),
+            )
+
+    def failed(self, item_id: int, error: str, retry_at: datetime) -> None:
+        """Record a failed attempt and when to try again."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
+                " WHERE id = ?",
+                (error[:500], format_time(retry_at), item_id),
+            )
+
+    def backlog(self) -> int:
+        """How many notifications are waiting for delivery."""
+        with self._transaction() as db:
+            return int(
+                db.execute("SELECT count(*) FROM outbox WHERE delivered_at IS NULL").fetchone()[0]
+            )
