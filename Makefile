@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit demo bench clean
+.PHONY: test lint typecheck unit demo bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict
 
-unit: $(STAMP)
+# The integration tests start a real Prometheus: Debian's package, installed here when missing.
+system-deps:
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+	  echo "Installing Debian's prometheus package for the integration tests..."; \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $$sudo apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { $$sudo apt-get update -q >/dev/null && \
+	      $$sudo apt-get install -y -q --no-install-recommends prometheus >/dev/null; } || \
+	    echo "warning: could not install prometheus; its integration tests will be skipped"; \
+	  else \
+	    echo "warning: no apt-get; install Prometheus (prometheus, promtool) to run its integration tests"; \
+	  fi; \
+	fi
+
+unit: $(STAMP) system-deps
 	$(BIN)/pytest
 
 test: lint typecheck unit

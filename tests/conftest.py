@@ -35,3 +35,9 @@ def engine_for() -> EngineFactory:
         return Engine(policy, Options(**options))
 
     return build
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio (the daemon's backend)."""
+    return "asyncio"
