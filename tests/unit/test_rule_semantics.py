@@ -510,3 +510,14 @@ def test_hold_outside_window_names_next_opening() -> None:
     r.deploy(friday, "v1", "v2", 10)
     (hold,) = r.tick(friday)
     assert "next opens 2026-03-10T17:00:00Z" in hold.reason  # Tue 10:00 PDT
+
+
+def test_critical_page_stays_open_after_an_operator_rollback() -> None:
+    """ "A rollback's page stays open for a person to resolve": with auto-rollback off, the
+    critical page of a tripped rollback rule stays open when an operator then rolls back."""
+    rules = "  - {name: err, source: prometheus, query: q, above: 0.05, on_breach: rollback}"
+    r = Rollout(policy(rules), auto_rollback=False)
+    r.value(10, 0.5)
+    decisions = r.command(20, "rollback")
+    assert r.actions(decisions) == ["rollback"]
+    assert only(r.decisions, "resolve") == []

@@ -301,6 +301,8 @@ class Engine:
         if key == s.hold_reason:
             return
         s.hold_reason = key
+        if any(d.action == "hold" for d in run.out):
+            return  # a trip already said why this tick holds
         reason = "not advancing: " + "; ".join(b.reason for b in blockers)
         first = blockers[0].rule
         if first is not None:
@@ -409,7 +411,13 @@ class Engine:
 
     def _end_rollout(self, run: _Run, event: Event) -> None:
         s = run.s
-        self._resolve_all(run, "rollout ended")
+        # a rollback's page stays open for a person, whoever made the rollback
+        keep = (
+            {r.name for r in self._rules.values() if r.on_breach == "rollback"}
+            if event is Event.ROLLBACK
+            else set()
+        )
+        self._resolve_all(run, "rollout ended", keep=keep)
         s.phase = transition(s.phase, event)
         s.canary_percent = 0
         if event is Event.ROLLBACK and not run.dry_run:
@@ -427,13 +435,13 @@ class Engine:
         if not keep_expected and s.stable is not None:
             s.expected = Deployment(s.stable)
 
-    def _resolve_all(self, run: _Run, why: str) -> None:
+    def _resolve_all(self, run: _Run, why: str, keep: set[str] | None = None) -> None:
         for name, track in sorted(run.s.rules.items()):
             rule = self._rules.get(name)
             if rule is None:
                 continue
             key = self._key(run.s, name)
-            if track.paged:
+            if track.paged and name not in (keep or ()):
                 run.emit_rule("resolve", f"{name}: {why}", rule, track, dedup_key=key)
             if track.inconclusive_paged:
                 run.emit_rule(
