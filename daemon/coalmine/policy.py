@@ -22,6 +22,7 @@ from pydantic import (
     PlainSerializer,
     WithJsonSchema,
 )
+from pydantic.json_schema import GenerateJsonSchema
 
 from coalmine.durations import DURATION_PATTERN, format_duration, parse_duration
 
@@ -48,7 +49,10 @@ def _duration(value: object) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, str):
-        return parse_duration(value)
+        try:
+            return parse_duration(value)
+        except OverflowError:
+            raise ValueError(f"{value!r} is too long a duration") from None
     raise ValueError("must be a duration with a unit, e.g. 30s, 5m, 1h30m")
 
 
@@ -86,8 +90,22 @@ TimeOfDay = Annotated[
 ]
 
 
+def _format_version(value: object) -> object:
+    # Literal[1] alone would take YAML's `true` and `1.0` for 1.
+    if type(value) is not int or value != 1:
+        raise ValueError("must be 1, the only policy format version")
+    return value
+
+
+FormatVersion = Annotated[Literal[1], BeforeValidator(_format_version)]
+ScriptName = Annotated[str, Field(min_length=1)]
+# Finite: a NaN or infinite threshold would never breach, an infinite min_samples never pass.
+Number = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # Strict: YAML's `true` is not the weight 1, nor the string "10" the number 10.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 class Analysis(_Model):
@@ -127,8 +145,6 @@ class PostPromotion(_Model):
 class TimeWindow(_Model):
     """Days and a time range in which advancing is allowed."""
 
-    model_config = ConfigDict(populate_by_name=True)
-
     days: list[Day] = Field(min_length=1, description="Days the window opens on (mon..sun).")
     from_: TimeOfDay = Field(alias="from", description='Opening time, inclusive ("HH:MM").')
     to: TimeOfDay = Field(
@@ -157,8 +173,6 @@ def _canary_only() -> list[Phase]:
 class Rule(_Model):
     """One signal, its threshold, how long a breach must last, and what a trip does."""
 
-    model_config = ConfigDict(populate_by_name=True)
-
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         max_length=100,
@@ -178,11 +192,11 @@ class Rule(_Model):
     window: Duration = Field(
         default=timedelta(minutes=1), description="Substituted for $window; the analytics window."
     )
-    min_samples: float | None = Field(
+    min_samples: Number | None = Field(
         default=None, ge=0, description="Fewer samples than this is inconclusive."
     )
-    above: float | None = Field(default=None, description="Breaching when value > above.")
-    below: float | None = Field(default=None, description="Breaching when value < below.")
+    above: Number | None = Field(default=None, description="Breaching when value > above.")
+    below: Number | None = Field(default=None, description="Breaching when value < below.")
     for_: Duration = Field(
         default=timedelta(0),
         alias="for",
@@ -215,16 +229,22 @@ class Rule(_Model):
 class Policy(_Model):
     """A whole policy file."""
 
-    version: Literal[1] = Field(description="Format version; always 1.")
+    version: FormatVersion = Field(description="Format version; always 1.")
     name: str = Field(min_length=1, description="Shown in pages, messages and the journal.")
-    scripts: list[str] = Field(min_length=1, description="Worker script names this policy governs.")
-    analysis: Analysis = Field(default_factory=Analysis)
+    scripts: list[ScriptName] = Field(
+        min_length=1, description="Worker script names this policy governs."
+    )
+    analysis: Analysis = Field(
+        default_factory=Analysis, description="Poll period, warm-up and inconclusive paging."
+    )
     steps: list[Step] = Field(min_length=1, description="Canary weights, rising to 100.")
-    post_promotion: PostPromotion = Field(default_factory=PostPromotion)
+    post_promotion: PostPromotion = Field(
+        default_factory=PostPromotion, description="The watch after promotion."
+    )
     deployment_windows: DeploymentWindows | None = Field(
         default=None, description="Advancing only inside these windows; omitted means always."
     )
-    rules: list[Rule] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list, description="What to watch and judge.")
 
 
 Path = tuple[str | int, ...]
@@ -298,6 +318,9 @@ def _source_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
         yield ((*at, "signal"), f"a {rule.source} rule takes a query, not a signal")
     if not rule.query or not rule.query.strip():
         yield ((*at, "query"), f"a {rule.source} rule needs a query")
+    if rule.min_samples is not None and rule.samples is None:
+        # Without a sample count every evaluation would be inconclusive: the canary never advances.
+        yield ((*at, "min_samples"), "needs `samples`, the PromQL that counts the requests")
     for field in ("query", "samples"):
         text = getattr(rule, field)
         for match in _PLACEHOLDER.finditer(text or ""):
@@ -316,7 +339,12 @@ def _window_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
     except (ZoneInfoNotFoundError, ValueError):
         yield (("deployment_windows", "timezone"), f"unknown timezone {windows.timezone!r}")
     for i, window in enumerate(windows.allow):
-        if window.from_ == window.to:
+        if window.from_ == time.max:
+            yield (
+                ("deployment_windows", "allow", i, "from"),
+                '"24:00" is only valid as `to`; a window opening at midnight starts at "00:00"',
+            )
+        elif window.from_ == window.to:
             yield (("deployment_windows", "allow", i, "to"), "must differ from `from`")
         if len(set(window.days)) != len(window.days):
             yield (("deployment_windows", "allow", i, "days"), "lists a day twice")
@@ -332,9 +360,18 @@ def _misc_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
         seen.add(script)
 
 
+class _SchemaGenerator(GenerateJsonSchema):
+    """Writes duration defaults as a policy would (``30s``), not as ISO 8601 (``PT30S``)."""
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, timedelta):
+            return format_duration(dft)
+        return super().encode_default(dft)
+
+
 def json_schema() -> dict[str, Any]:
     """The policy's JSON Schema, for editors and CI linting."""
-    schema = Policy.model_json_schema(by_alias=True)
+    schema = Policy.model_json_schema(by_alias=True, schema_generator=_SchemaGenerator)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "coalmine policy"
     return schema

@@ -69,6 +69,16 @@ class _Builder:
                     Problem(self.file, line, _dotted(path), "keys must be plain names")
                 )
                 continue
+            if key == "<<" and not key_node.style:
+                self.problems.append(
+                    Problem(
+                        self.file,
+                        line,
+                        _dotted(path),
+                        "YAML merge keys (<<) are not supported; write the fields out",
+                    )
+                )
+                continue
             if key in result:
                 first = self.lines[(*path, key)]
                 self.problems.append(
@@ -132,18 +142,18 @@ def parse_policy(text: str, file: str = "<policy>") -> Policy:
     """Parse and validate policy text; raise :class:`PolicyError` listing every problem."""
     try:
         node = _Loader(text).get_single_node()
+        builder = _Builder(file)
+        data = builder.build(node, ()) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise PolicyError(
-            [Problem(file, line, "", f"invalid YAML: {exc.problem or exc}")]
-        ) from None
+        raise PolicyError([Problem(file, line, "", f"invalid YAML: {_yaml_reason(exc)}")]) from None
     except yaml.YAMLError as exc:
         raise PolicyError([Problem(file, None, "", f"invalid YAML: {exc}")]) from None
+    except RecursionError:  # PyYAML and the builder recurse once per nesting level
+        raise PolicyError([Problem(file, None, "", "invalid YAML: nested too deeply")]) from None
     if node is None:
         raise PolicyError([Problem(file, 1, "", "the file is empty; expected a policy mapping")])
-    builder = _Builder(file)
-    data = builder.build(node, ())
     if builder.problems:
         raise PolicyError(builder.problems)
     if not isinstance(data, dict):
@@ -161,6 +171,12 @@ def parse_policy(text: str, file: str = "<policy>") -> Policy:
     if problems:
         raise PolicyError(problems)
     return policy
+
+
+def _yaml_reason(exc: yaml.MarkedYAMLError) -> str:
+    """PyYAML's context and problem as one phrase: the context is often the telling half."""
+    parts = [part for part in (exc.context, exc.problem) if part]
+    return ", ".join(parts) if parts else str(exc)
 
 
 def _pydantic_problems(errors: Iterable[Any], lines: dict[Path, int], file: str) -> list[Problem]:
@@ -203,24 +219,38 @@ def load_policies(paths: Iterable[str | FsPath]) -> dict[str, Policy]:
     loaded: dict[str, Policy] = {}
     problems: list[Problem] = []
     owner: dict[str, str] = {}
-    for file in (f for p in paths for f in policy_files(p)):
-        try:
-            policy = load_policy(file)
-        except PolicyError as exc:
-            problems.extend(exc.problems)
-            continue
-        loaded[str(file)] = policy
-        for script in policy.scripts:
-            if script in owner:
-                problems.append(
-                    Problem(
-                        str(file),
-                        None,
-                        "scripts",
-                        f"script {script!r} is already governed by {owner[script]}",
-                    )
-                )
-            owner.setdefault(script, str(file))
+    seen: set[FsPath] = set()
+    for path in paths:
+        files = policy_files(path)
+        if not files:
+            problems.append(Problem(str(path), None, "", "no policy files (*.yaml, *.yml) here"))
+        for file in files:
+            if file.resolve() in seen:  # named twice (a file and its folder): one policy
+                continue
+            seen.add(file.resolve())
+            _load_into(file, loaded, owner, problems)
     if problems:
         raise PolicyError(problems)
     return loaded
+
+
+def _load_into(
+    file: FsPath, loaded: dict[str, Policy], owner: dict[str, str], problems: list[Problem]
+) -> None:
+    try:
+        policy = load_policy(file)
+    except PolicyError as exc:
+        problems.extend(exc.problems)
+        return
+    loaded[str(file)] = policy
+    for script in policy.scripts:
+        if script in owner:
+            problems.append(
+                Problem(
+                    str(file),
+                    None,
+                    "scripts",
+                    f"script {script!r} is already governed by {owner[script]}",
+                )
+            )
+        owner.setdefault(script, str(file))
