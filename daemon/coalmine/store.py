@@ -154,12 +154,26 @@ class NewEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class NewIntent:
+    """A traffic change to record before it is made."""
+
+    script: str
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class NewNotification:
     """An outbox item to enqueue."""
 
     channel: str
     payload: dict[str, Any]
     dedup_key: str | None = None
+
+
+def _ts(t: datetime) -> str:
+    """A fixed-width UTC timestamp, so that SQL compares them correctly as text."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _canonical(value: Any) -> str:
@@ -260,9 +274,11 @@ class Store:
         entries: Sequence[NewEntry] = (),
         notifications: Sequence[NewNotification] = (),
         now: datetime | None = None,
-    ) -> None:
-        """Persist a script's new state with its journal entries and notifications, atomically."""
-        recorded = format_time(now or datetime.now(UTC))
+        intents: Sequence[NewIntent] = (),
+    ) -> list[int]:
+        """Persist a script's new state with its journal entries, notifications and traffic
+        intents, atomically; returns the intents' ids."""
+        recorded = _ts(now or datetime.now(UTC))
         with self._transaction() as db:
             db.execute("BEGIN IMMEDIATE")
             db.execute(
@@ -278,7 +294,17 @@ class Store:
                     " VALUES (?, ?, ?, ?, ?)",
                     (item.channel, item.dedup_key, _canonical(item.payload), recorded, recorded),
                 )
+            ids = [self._insert_intent(db, intent, recorded) for intent in intents]
             db.execute("COMMIT")
+        return ids
+
+    @staticmethod
+    def _insert_intent(db: sqlite3.Connection, intent: NewIntent, recorded: str) -> int:
+        cursor = db.execute(
+            "INSERT INTO intents (script, kind, body, created_at) VALUES (?, ?, ?, ?)",
+            (intent.script, intent.kind, _canonical(intent.body), recorded),
+        )
+        return int(cursor.lastrowid or 0)
 
     def _append(self, db: sqlite3.Connection, entries: Sequence[NewEntry], recorded: str) -> None:
         row = db.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
@@ -366,19 +392,21 @@ class Store:
     def begin_intent(self, script: str, kind: str, body: dict[str, Any], now: datetime) -> int:
         """Record a traffic change about to be made; returns its id."""
         with self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO intents (script, kind, body, created_at) VALUES (?, ?, ?, ?)",
-                (script, kind, _canonical(body), format_time(now)),
-            )
-            return int(cursor.lastrowid or 0)
+            return self._insert_intent(db, NewIntent(script, kind, body), _ts(now))
 
-    def finish_intent(self, intent_id: int, result: dict[str, Any], now: datetime) -> None:
-        """Mark an intent done, with what the API answered."""
+    def finish_intent(
+        self, intent_id: int, result: dict[str, Any], now: datetime, entry: NewEntry | None = None
+    ) -> None:
+        """Mark an intent done with what the API answered, journaling ``entry`` with it."""
+        recorded = _ts(now)
         with self._transaction() as db:
+            db.execute("BEGIN IMMEDIATE")
             db.execute(
                 "UPDATE intents SET finished_at = ?, result = ? WHERE id = ?",
-                (format_time(now), _canonical(result), intent_id),
+                (recorded, _canonical(result), intent_id),
             )
+            self._append(db, [entry] if entry else [], recorded)
+            db.execute("COMMIT")
 
     def open_intents(self) -> list[Intent]:
         """Intents started and never finished (a crash in between)."""
@@ -397,7 +425,7 @@ class Store:
             rows = db.execute(
                 "SELECT id, channel, dedup_key, payload, attempts, next_attempt_at FROM outbox "
                 "WHERE delivered_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                (format_time(now), limit),
+                (_ts(now), limit),
             ).fetchall()
         return [
             OutboxItem(i, c, d, json.loads(p), a, datetime.fromisoformat(n))
@@ -410,7 +438,7 @@ class Store:
             db.execute(
                 "UPDATE outbox SET delivered_at = ?, attempts = attempts + 1, last_error = NULL"
                 " WHERE id = ?",
-                (format_time(now), item_id),
+                (_ts(now), item_id),
             )
 
     def failed(self, item_id: int, error: str, retry_at: datetime) -> None:
@@ -419,7 +447,7 @@ class Store:
             db.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?"
                 " WHERE id = ?",
-                (error[:500], format_time(retry_at), item_id),
+                (error[:500], _ts(retry_at), item_id),
             )
 
     def backlog(self) -> int:
