@@ -88,7 +88,7 @@ class _Bad(Exception):
 
 def _parse_line(text: str, number: int, known: set[str]) -> Record:
     try:
-        data = json.loads(text, parse_constant=_refuse_constant)
+        data = _DECODER.decode(text.strip())
     except ValueError as exc:
         raise _Bad(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -110,10 +110,13 @@ def _refuse_constant(name: str) -> None:
     raise _Bad(f'bare {name} is not JSON; write the string "NaN", "+Inf" or "-Inf"')
 
 
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def _only(data: dict[str, Any], allowed: set[str]) -> None:
-    extra = sorted(set(data) - allowed)
-    if extra:
-        raise _Bad(f"unknown field {extra[0]!r}")
+    if data.keys() <= allowed:
+        return
+    raise _Bad(f"unknown field {sorted(set(data) - allowed)[0]!r}")
 
 
 def _time(value: object) -> datetime:

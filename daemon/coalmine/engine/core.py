@@ -181,6 +181,15 @@ class Engine:
 
     # ---- judging --------------------------------------------------------------------------
 
+    def active_rules(self, state: RolloutState) -> tuple[CompiledRule, ...]:
+        """The rules a tick in this state evaluates (what the shell must fetch)."""
+        return self._active_rules(state)
+
+    @property
+    def rules(self) -> tuple[CompiledRule, ...]:
+        """Every rule of the policy, compiled."""
+        return tuple(self._rules.values())
+
     def _active_rules(self, s: RolloutState) -> tuple[CompiledRule, ...]:
         phase = s.stood_down_from if s.phase is P.STOOD_DOWN else s.phase
         if phase in (P.CANARY, P.PAUSED):
@@ -213,7 +222,7 @@ class Engine:
         elif paged and track.status is RuleStatus.OK:
             run.emit_rule(
                 "resolve",
-                f"{rule.name} recovered: {_value_text(rule, track)}",
+                f"{rule.name} recovered: {_recovered_text(rule, track)}",
                 rule,
                 track,
                 dedup_key=self._key(run.s, rule.name),
@@ -633,6 +642,13 @@ def _value_text(rule: CompiledRule, track: RuleTrack) -> str:
     samples = f", {_num(track.samples)} samples" if track.samples is not None else ""
     window = format_duration(rule.window)
     return f"{_num(track.value)} {rule.operator} {_num(rule.threshold)}, window {window}{samples}"
+
+
+def _recovered_text(rule: CompiledRule, track: RuleTrack) -> str:
+    bound = "<=" if rule.above else ">="
+    return (
+        f"{_num(track.value)} {bound} {_num(rule.threshold)}, window {format_duration(rule.window)}"
+    )
 
 
 def _inconclusive_text(track: RuleTrack) -> str:
