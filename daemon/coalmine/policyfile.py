@@ -149,7 +149,10 @@ def parse_policy(text: str, file: str = "<policy>") -> Policy:
         line = mark.line + 1 if mark is not None else None
         raise PolicyError([Problem(file, line, "", f"invalid YAML: {_yaml_reason(exc)}")]) from None
     except yaml.YAMLError as exc:
-        raise PolicyError([Problem(file, None, "", f"invalid YAML: {exc}")]) from None
+        reason = str(exc).split("\n", 1)[0]  # the reader adds 'in "<unicode string>"' below
+        position = getattr(exc, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+        raise PolicyError([Problem(file, line, "", f"invalid YAML: {reason}")]) from None
     except RecursionError:  # PyYAML and the builder recurse once per nesting level
         raise PolicyError([Problem(file, None, "", "invalid YAML: nested too deeply")]) from None
     if node is None:

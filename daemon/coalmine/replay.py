@@ -26,6 +26,8 @@ from coalmine.engine.model import CommandKind, encode_float, format_time
 from coalmine.errors import ReplayFormatError
 
 _COMMANDS = get_args(CommandKind)
+_EARLIEST = datetime(1970, 1, 1, tzinfo=_UTC)
+_LATEST = datetime(9000, 1, 1, tzinfo=_UTC)  # room for every duration added to it
 _VALUE_STRINGS = {"NaN": math.nan, "+Inf": math.inf, "-Inf": -math.inf}
 
 
@@ -65,11 +67,17 @@ class Record:
         return json.dumps(out)
 
 
-def parse_records(lines: Iterable[str], file: str, rules: Iterable[str]) -> Iterator[Record]:
+def parse_records(
+    lines: Iterable[str | bytes], file: str, rules: Iterable[str]
+) -> Iterator[Record]:
     """Parse replay lines lazily; raise :class:`ReplayFormatError` naming the first bad line."""
     known = set(rules)
     last: datetime | None = None
-    for number, text in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as exc:
+            raise ReplayFormatError(file, number, f"not UTF-8 text ({exc.reason})") from None
         if not text.strip():
             continue
         try:
@@ -128,6 +136,8 @@ def _time(value: object) -> datetime:
         raise _Bad(f'"t" {value!r} is not an RFC 3339 time') from None
     if t.tzinfo is None:
         raise _Bad(f'"t" {value!r} has no timezone; add Z or an offset')
+    if not _EARLIEST <= t <= _LATEST:
+        raise _Bad(f'"t" {value!r} is outside 1970-01-01 .. 9000-01-01')
     return t
 
 
@@ -193,7 +203,10 @@ def _number(value: object, name: str) -> float | None:
         return _VALUE_STRINGS[value]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _Bad(f'"{name}" must be a number, null, "NaN", "+Inf" or "-Inf"')
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise _Bad(f'"{name}" is too large for a float; write "+Inf" or "-Inf"') from None
 
 
 def replay(engine: Engine, records: Iterable[Record], script: str) -> Iterator[Decision]:
