@@ -1,0 +1,295 @@
+"""What every simulated service shares: a listener that can go down, a log, injected faults.
+
+A :class:`Service` answers HTTP on a loopback port through :func:`coalmine.httpserver.serve`.
+Every request is logged (the ``Authorization`` header redacted) before anything else happens;
+then the first matching :class:`Injection` in the fault queue, if any, answers in the service's
+place; otherwise the service's own ``route`` does. ``go_down()`` closes the listening socket, so
+clients get *connection refused* until ``go_up()`` listens again on the same port.
+
+An injection can answer with any status, headers and body; ``drop`` closes the connection
+without an answer; ``truncate`` sends the real answer's first half (well framed: coalmine's
+server always frames bodies correctly, so the client sees JSON cut short, not a short read);
+``hang`` holds the request until the queue is cleared or the service stops, for timeouts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any, Literal
+
+import anyio
+from anyio.abc import TaskStatus
+
+from coalmine.httpserver import Request, Response, serve
+from coalmine.simulator.traffic import Clock
+
+Action = Literal["answer", "drop", "truncate", "hang"]
+
+# coalmine.httpserver drops a connection, sending nothing, when a response cannot be framed;
+# a header value with a line break is such a response. That is how ``drop`` is made.
+_DROP = Response(599, b"", [("x-simulator-drop", "\r\n")])
+
+
+@dataclass
+class LoggedRequest:
+    """One request as a service received it, and the status it answered (None: dropped)."""
+
+    at: datetime
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: Any  # parsed JSON, else the text, else None when empty
+    status: int | None = None
+
+    @classmethod
+    def of(cls, request: Request, at: datetime) -> LoggedRequest:
+        """Log a request; the authorization header's credentials are replaced by ``***``."""
+        headers = dict(request.headers)
+        if "authorization" in headers:
+            scheme = headers["authorization"].split(" ", 1)[0]
+            headers["authorization"] = f"{scheme} ***"
+        return cls(at, request.method, request.path, request.query, headers, _body(request.body))
+
+
+@dataclass
+class Injection:
+    """A forced answer for requests matching ``method`` and ``path`` (fnmatch patterns).
+
+    It applies to the next ``times`` matching requests (None: every one) while the clock is
+    before ``until`` (None: no deadline).
+    """
+
+    method: str = "*"
+    path: str = "*"
+    status: int = 503
+    body: Any = None  # bytes or str as is; anything else as JSON
+    headers: Sequence[tuple[str, str]] = ()
+    action: Action = "answer"
+    times: int | None = 1
+    until: datetime | None = None
+
+    def matches(self, request: Request) -> bool:
+        """Whether the request is one this injection answers."""
+        return fnmatch.fnmatchcase(request.method.upper(), self.method.upper()) and (
+            fnmatch.fnmatchcase(request.path, self.path)
+        )
+
+    def response(self) -> Response:
+        """The forced answer for ``action == "answer"``."""
+        if isinstance(self.body, bytes | str):
+            body = self.body.encode() if isinstance(self.body, str) else self.body
+            return Response(self.status, body, list(self.headers))
+        if self.body is None:
+            return Response(self.status, b"", list(self.headers))
+        return Response.json(self.status, self.body, list(self.headers))
+
+
+class FaultQueue:
+    """Injections in the order added; the first that matches a request answers it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._queue: list[Injection] = []
+        self._released = anyio.Event()
+
+    def add(self, injection: Injection) -> Injection:
+        """Queue an injection."""
+        if injection.times is not None and injection.times < 1:
+            raise ValueError("an injection applies to at least one request")
+        self._queue.append(injection)
+        return injection
+
+    def clear(self) -> None:
+        """Forget every injection and release hung requests."""
+        self._queue.clear()
+        self._released.set()
+        self._released = anyio.Event()
+
+    def pending(self) -> list[Injection]:
+        """The injections still to apply."""
+        now = self._clock()
+        self._queue = [i for i in self._queue if i.until is None or now < i.until]
+        return list(self._queue)
+
+    def take(self, request: Request) -> Injection | None:
+        """The injection that answers this request, counting it against ``times``."""
+        for injection in self.pending():
+            if injection.matches(request):
+                if injection.times is not None:
+                    injection.times -= 1
+                    if injection.times == 0:
+                        self._queue.remove(injection)
+                return injection
+        return None
+
+    async def apply(
+        self, injection: Injection, real: Callable[[], Awaitable[Response]]
+    ) -> Response:
+        """The answer an injection gives (``real`` is the service's own answer)."""
+        if injection.action == "drop":
+            return _DROP
+        if injection.action == "truncate":
+            answer = await real()
+            return Response(answer.status, answer.body[: len(answer.body) // 2], answer.headers)
+        if injection.action == "hang":
+            await self._released.wait()
+            return _DROP
+        return injection.response()
+
+
+class WindowLimiter:
+    """At most ``limit`` requests per key in any ``window``; past it, refuse until one expires.
+
+    ``limit = None`` admits everything; both attributes may be changed at any time.
+    """
+
+    def __init__(self, clock: Clock, limit: int | None, window: timedelta) -> None:
+        self._clock = clock
+        self.limit = limit
+        self.window = window
+        self._seen: dict[str, deque[datetime]] = {}
+
+    def admit(self, key: str) -> float | None:
+        """Count a request; None if admitted, else the seconds until one would be."""
+        if self.limit is None:
+            return None
+        now = self._clock()
+        seen = self._seen.setdefault(key, deque())
+        while seen and seen[0] <= now - self.window:
+            seen.popleft()
+        if len(seen) >= self.limit:
+            return (seen[0] + self.window - now).total_seconds()
+        seen.append(now)
+        return None
+
+
+def retry_after(seconds: float) -> str:
+    """A ``retry-after`` value: whole seconds, at least one."""
+    return str(max(1, math.ceil(seconds)))
+
+
+class Service:
+    """A simulated HTTP service on a loopback port."""
+
+    def __init__(self, clock: Clock, *, host: str = "127.0.0.1") -> None:
+        self.clock = clock
+        self.host = host
+        self.port: int | None = None
+        self.requests: list[LoggedRequest] = []
+        self.faults = FaultQueue(clock)
+        self.errors: list[BaseException] = []  # the service's own bugs, for tests to assert on
+        self._up = True
+        self._scope: anyio.CancelScope | None = None
+        self._wake = anyio.Event()
+        self._opened = anyio.Event()
+        self._closed = anyio.Event()
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port`` once serving."""
+        if self.port is None:
+            raise RuntimeError(f"{type(self).__name__} is not serving yet")
+        return f"http://{self.host}:{self.port}"
+
+    def inject(
+        self,
+        *,
+        method: str = "*",
+        path: str = "*",
+        status: int = 503,
+        body: Any = None,
+        headers: Sequence[tuple[str, str]] = (),
+        action: Action = "answer",
+        times: int | None = 1,
+        until: datetime | None = None,
+    ) -> Injection:
+        """Queue an :class:`Injection`: force answers to matching requests (see its fields)."""
+        return self.faults.add(Injection(method, path, status, body, headers, action, times, until))
+
+    async def route(self, request: Request) -> Response:
+        """The service's own answer (subclasses implement it)."""
+        raise NotImplementedError
+
+    async def handle(self, request: Request) -> Response:
+        """Log, apply an injected fault or route, and record the status."""
+        entry = LoggedRequest.of(request, self.clock())
+        self.requests.append(entry)
+        injection = self.faults.take(request)
+        if injection is None:
+            response = await self.route(request)
+        else:
+            response = await self.faults.apply(injection, partial(self.route, request))
+        entry.status = None if response is _DROP else response.status
+        return response
+
+    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen (port reported through ``task_status``), going down and up on request."""
+        reported = False
+        while True:
+            if not self._up:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                continue
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                async with anyio.create_task_group() as tg:
+                    self.port = await tg.start(self._listen)
+                    self._opened.set()
+                    if not reported:
+                        task_status.started(self.port)
+                        reported = True
+            self._scope = None
+            self._closed.set()
+
+    async def go_down(self) -> None:
+        """Stop listening: connections are refused until :meth:`go_up`."""
+        if not self._up:
+            return
+        self._up = False
+        self._closed = anyio.Event()
+        if self._scope is not None:
+            self._scope.cancel()
+            await self._closed.wait()
+
+    async def go_up(self) -> None:
+        """Listen again on the same port."""
+        if self._up:
+            return
+        self._up = True
+        self._opened = anyio.Event()
+        self._wake.set()
+        await self._opened.wait()
+
+    async def _listen(self, *, task_status: TaskStatus[int]) -> None:
+        await serve(
+            self.handle,
+            self.host,
+            self.port or 0,
+            task_status=task_status,
+            on_error=lambda _request, exc: self.errors.append(exc),
+        )
+
+
+def json_body(request: Request) -> tuple[bool, Any]:
+    """(True, value) when the body is JSON, else (False, None)."""
+    try:
+        return True, request.json()
+    except ValueError:
+        return False, None
+
+
+def _body(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", errors="replace")
