@@ -336,7 +336,7 @@ def _window_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
         return
     try:
         ZoneInfo(windows.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a path
         yield (("deployment_windows", "timezone"), f"unknown timezone {windows.timezone!r}")
     for i, window in enumerate(windows.allow):
         if window.from_ == time.max:

@@ -116,7 +116,11 @@ def _scalar(node: yaml.Node) -> Any:
 def _dotted(path: Path) -> str:
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        if isinstance(part, int):
+            text += f"[{part}]"
+            continue
+        name = part if part.isprintable() and part.strip() == part else repr(part)
+        text += f".{name}" if text else name
     return text
 
 
