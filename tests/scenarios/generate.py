@@ -29,7 +29,7 @@ def _flapping(elapsed: timedelta, _percent: int) -> Behaviour:
 
 
 def _nan_storm(elapsed: timedelta, _percent: int) -> Behaviour:
-    return Behaviour(no_data=True) if elapsed >= timedelta(seconds=30) else HEALTHY
+    return Behaviour(no_data=True) if elapsed >= timedelta(seconds=10) else HEALTHY
 
 
 def scenarios() -> dict[str, Simulation]:
@@ -47,8 +47,8 @@ def scenarios() -> dict[str, Simulation]:
             steady(HEALTHY),
             {
                 "commands": {
-                    timedelta(seconds=30): Command("pause"),
-                    timedelta(seconds=150): Command("resume"),
+                    timedelta(seconds=10): Command("pause"),
+                    timedelta(seconds=60): Command("resume"),
                 }
             },
         ),

@@ -46,8 +46,9 @@ def test_healthy_canary_promoted_through_every_step(capsys: pytest.CaptureFixtur
 def test_fault_at_50_is_rolled_back(capsys: pytest.CaptureFixture[str]) -> None:
     """A canary whose errors start at the 50% step is rolled back, with a critical page."""
     decisions = replay(capsys, "fault-at-50")
-    assert actions(decisions) == ["start", "set_traffic", "rollback", "page"]
-    rollback, page = decisions[2], decisions[3]
+    assert actions(decisions) == ["start", "set_traffic", "hold", "rollback", "page"]
+    hold, rollback, page = decisions[2], decisions[3], decisions[4]
+    assert "error_rate breaching" in hold["reason"]  # the hold ran out while breaching
     assert rollback["canary_percent"] == 0 and rollback["rule"] == "error_rate"
     assert rollback["value"] > rollback["threshold"] == 0.02
     assert rollback["samples"] >= 20 and rollback["window"] == "10s"
@@ -69,7 +70,7 @@ def test_flapping_metric_that_never_sustains_is_promoted(
         and isinstance(o["value"], float)
         and o["value"] > 0.02
     ]
-    assert len(breaching) >= 10  # the metric really flaps
+    assert len(breaching) >= 5  # the metric really flaps
     assert actions(replay(capsys, "flapping")) == ["start", "set_traffic", "promote", "complete"]
 
 
@@ -108,7 +109,7 @@ def test_pause_and_resume(capsys: pytest.CaptureFixture[str]) -> None:
     assert sequence == ["start", "pause", "resume", "set_traffic", "promote", "complete"]
     resume = next(d for d in decisions if d["action"] == "resume")
     advance = next(d for d in decisions if d["action"] == "set_traffic")
-    assert advance["t"] == resume["t"] == "2026-03-03T18:02:30Z"
+    assert advance["t"] == resume["t"] == "2026-03-03T18:01:00Z"
     assert all(
         "paused" in d["reason"] for d in decisions if d["action"] == "hold" and d["t"] < resume["t"]
     )
