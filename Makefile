@@ -42,7 +42,7 @@ unit: $(STAMP) system-deps
 
 test: lint typecheck unit
 
-demo: $(STAMP)
+demo: $(STAMP) system-deps
 	$(BIN)/coalmine demo
 
 bench: $(STAMP)

@@ -9,10 +9,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from coalmine import __version__
+import anyio
+
+from coalmine import __version__, client
+from coalmine.app import prepare, run_until_signalled
 from coalmine.demo import run_demo
 from coalmine.engine import Engine, Options
 from coalmine.errors import CoalmineError, ConfigError, LocalError, PolicyError, ReplayFormatError
+from coalmine.logs import configure as configure_logging
 from coalmine.policy import json_schema
 from coalmine.policyfile import load_policies, load_policy
 from coalmine.replay import format_table, parse_records, replay
@@ -52,6 +56,28 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true", help="mark traffic decisions as dry run")
     rep.set_defaults(handler=_replay)
 
+    run = commands.add_parser("run", help="the daemon")
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="every rollout, as a table")
+    status.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+    status.set_defaults(handler=_status)
+    start = commands.add_parser("start", help="start a canary of VERSION")
+    start.add_argument("script")
+    start.add_argument("version")
+    start.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+    start.set_defaults(handler=_command, kind="start")
+    for kind, text in (
+        ("pause", "stop advancing (rollback triggers still act)"),
+        ("resume", "resume a paused rollout, or adopt the live split after drift"),
+        ("promote", "advance one step now"),
+        ("rollback", "roll the canary back now"),
+    ):
+        sub = commands.add_parser(kind, help=text)
+        sub.add_argument("script")
+        sub.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+        sub.set_defaults(handler=_command, kind=kind, version=None)
+
     journal = commands.add_parser("journal", help="check or export the decision journal")
     journal_commands = journal.add_subparsers(
         dest="journal_command", required=True, metavar="ACTION"
@@ -71,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="a simulated Worker: a healthy and a faulty canary")
     demo.add_argument("--format", choices=("table", "jsonl"), default="table")
+    demo.add_argument("--offline", action="store_true", help="the engine on a virtual clock only")
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -98,7 +125,7 @@ def _replay(args: argparse.Namespace) -> int:
     engine = Engine(policy, options)
     name = "<stdin>" if args.input == "-" else args.input
     try:
-        stream = sys.stdin if args.input == "-" else Path(args.input).open(encoding="utf-8")  # noqa: SIM115
+        stream = sys.stdin.buffer if args.input == "-" else Path(args.input).open("rb")  # noqa: SIM115
     except OSError as exc:
         raise ReplayFormatError(name, 0, f"cannot read: {exc.strerror}") from None
     with stream:
@@ -111,6 +138,22 @@ def _replay(args: argparse.Namespace) -> int:
             for decision in decisions:
                 print(json.dumps(decision.to_dict()))
     return 0
+
+
+def _run(_: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    policies = prepare(settings)
+    anyio.run(run_until_signalled, settings, policies)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    return client.status(load_settings(), args.url)
+
+
+def _command(args: argparse.Namespace) -> int:
+    return client.command(load_settings(), args.url, args.script, args.kind, args.version)
 
 
 def _open_store(args: argparse.Namespace) -> Store:
@@ -142,7 +185,7 @@ def _journal_export(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    return run_demo(args.format)
+    return run_demo(args.format, offline=args.offline)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -162,7 +162,7 @@ class CloudflareClient:
         changed secrets (10220) is retried with ``force=true``."""
         body = {
             "strategy": "percentage",
-            "versions": [{"version_id": v, "percentage": p} for v, p in versions],
+            "versions": [{"version_id": v, "percentage": _percent(p)} for v, p in versions],
             "annotations": {"workers/message": message[:50]},
         }
         kind: Kind = "rollback" if rollback else "write"
@@ -239,7 +239,7 @@ class CloudflareClient:
             raise Retryable(f"connection error: {type(exc).__name__}") from None
         finally:
             if error and self._observe:
-                self._observe("cloudflare", time.perf_counter() - started, error)
+                self._observe(_dependency(url), time.perf_counter() - started, error)
         status = response.status_code
         try:
             body = response.json()
@@ -247,7 +247,7 @@ class CloudflareClient:
             body = None
         if self._observe:
             self._observe(
-                "cloudflare",
+                _dependency(url),
                 time.perf_counter() - started,
                 None if status < 400 else f"http_{status}",
             )
@@ -264,6 +264,15 @@ class CloudflareClient:
         if status >= 400:
             raise _envelope_error(body, status, f"{method} {_path(url)}: ")
         return body
+
+
+def _dependency(url: str) -> str:
+    """Health and metrics name of a call: analytics (GraphQL) apart from the REST API."""
+    return "cloudflare_analytics" if url.endswith("/graphql") else "cloudflare"
+
+
+def _percent(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else round(float(value), 2)
 
 
 def _deployment(item: Any) -> LiveDeployment:

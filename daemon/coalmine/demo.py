@@ -1,22 +1,46 @@
-"""``coalmine demo``: the embedded default. A simulated Worker, a healthy and a faulty canary.
+"""``coalmine demo``: the embedded default, a simulated Worker with a healthy and a faulty canary.
 
-The policy is ``policies/examples/fast.yaml``, embedded so the demo runs from an installed
-wheel; a test keeps the two identical.
+Live (the default when Debian's ``prometheus`` is installed): the simulator's loopback
+Cloudflare, metrics and receivers; a real Prometheus scraping the simulated Worker every
+second; and the real daemon on ``policies/examples/fast.yaml`` with its endpoints up. A healthy
+canary is promoted through every step, then a faulty one is rolled back, each decision printed
+as it is made. ``--offline`` (or no Prometheus) plays the same two canaries through the engine
+on a virtual clock instead, in a second.
+
+The policy is embedded so the demo runs from an installed wheel; a test keeps it identical to
+the file.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from datetime import timedelta
+from pathlib import Path
+from typing import TextIO
 
+import anyio
+
+from coalmine import localprom
+from coalmine.app import open_daemon, prepare
+from coalmine.daemon import ScriptLoop
+from coalmine.engine import RolloutPhase, RolloutState
+from coalmine.logs import configure as configure_logging
 from coalmine.policyfile import parse_policy
 from coalmine.replay import format_table
-from coalmine.simulate import Behaviour, Simulation, run, steady
+from coalmine.settings import load_settings
+from coalmine.simulate import Behaviour as ReplayBehaviour
+from coalmine.simulate import Simulation, run, steady
+from coalmine.simulator import Behaviour, Fault, Simulator
 
 FAST_POLICY = """\
 # A fast policy: the runbook's shape with second-scale durations. `coalmine demo` and the
-# tests use it so that a whole rollout (three steps and a watch) plays out in minutes of
-# simulated time. Not for production: windows this short are noisy on real traffic.
+# tests use it so that a whole rollout (three steps and a watch) plays out in about a minute.
+# Not for production: windows this short are noisy on real traffic.
 version: 1
 name: fast
 scripts: [demo-worker]
@@ -25,10 +49,10 @@ analysis:
   warmup: 10s
   inconclusive_page_after: 1m
 steps:
-  - {weight: 10, hold: 1m}
-  - {weight: 50, hold: 1m}
+  - {weight: 10, hold: 20s}
+  - {weight: 50, hold: 20s}
   - {weight: 100}
-post_promotion: {watch: 2m}
+post_promotion: {watch: 20s}
 rules:
   - name: error_rate
     description: 5xx share of the canary's requests
@@ -87,30 +111,137 @@ rules:
     on_breach: page
     phases: [post_promotion]
 """
+SCRIPT = "demo-worker"
+LIVE_LIMIT = 240.0  # seconds: give up if the live demo has not finished by then
 
 
-def _faulty(elapsed: timedelta, percent: int) -> Behaviour:
+def _faulty(_elapsed: timedelta, percent: int) -> ReplayBehaviour:
     """Healthy at 10%; at 50% a bad dependency path starts failing 8% of requests."""
-    return Behaviour(error_rate=0.08, p99=0.9) if percent >= 50 else Behaviour()
+    return ReplayBehaviour(error_rate=0.08, p99=0.9) if percent >= 50 else ReplayBehaviour()
 
 
-def run_demo(output: str = "table") -> int:
-    """Print the two canaries' timelines."""
+def run_offline(output: str = "table", out: TextIO | None = None) -> int:
+    """The two canaries through the pure engine on a virtual clock."""
+    out = out or sys.stdout
     policy = parse_policy(FAST_POLICY, "policies/examples/fast.yaml")
     scenarios = (
-        ("A healthy canary: promoted through every step, then watched", steady(Behaviour())),
+        ("A healthy canary: promoted through every step, then watched", steady(ReplayBehaviour())),
         ("A faulty canary: errors appear at the 50% step and it is rolled back", _faulty),
     )
     for title, canary in scenarios:
         _, decisions = run(Simulation(policy, canary))
         if output == "jsonl":
             for decision in decisions:
-                print(json.dumps(decision.to_dict()))
+                print(json.dumps(decision.to_dict()), file=out)
             continue
-        print(f"== {title}")
-        print(f"   policy {policy.name}: steps 10% (hold 1m) -> 50% (hold 1m) -> 100%, watch 2m;")
-        print("   simulated 50 req/s, evaluated every 5s on a virtual clock")
+        print(f"== {title}", file=out)
+        print("   policy fast: 10% (hold 20s) -> 50% (hold 20s) -> 100%, watch 20s;", file=out)
+        print("   simulated 50 req/s, evaluated every 5s on a virtual clock", file=out)
         for line in format_table(decisions):
-            print("   " + line)
-        print()
+            print("   " + line, file=out)
+        print(file=out)
     return 0
+
+
+def run_demo(output: str = "table", offline: bool = False, out: TextIO | None = None) -> int:
+    """``coalmine demo``: live when Prometheus is installed, else offline."""
+    out = out or sys.stdout
+    if offline or output == "jsonl":
+        return run_offline(output, out)
+    if localprom.binary() is None:
+        print(
+            "Debian's prometheus is not installed, so this is the offline demo: the engine on a\n"
+            "virtual clock. `apt-get install prometheus` (or `make demo` as root) for the live one.\n",
+            file=out,
+        )
+        return run_offline(output, out)
+    return anyio.run(_live, out)
+
+
+async def _live(out: TextIO) -> int:
+    configure_logging("console", "error")
+    sim = Simulator(seed=7)
+    sim.slack.limiter.limit = None
+    sim.pagerduty.limiter.limit = None
+    sim.add_script(SCRIPT, requests_per_minute=6000)
+    async with AsyncExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="coalmine-demo-")))
+        await stack.enter_async_context(sim.running())
+        prometheus = await anyio.to_thread.run_sync(
+            stack.enter_context, localprom.running_prometheus([sim.prometheus_metrics_url])
+        )
+        policy_file = folder / "fast.yaml"
+        policy_file.write_text(FAST_POLICY)
+        settings = load_settings(
+            {
+                **sim.environment(),
+                "COALMINE_PROMETHEUS_URL": prometheus,
+                "COALMINE_POLICIES": str(policy_file),
+                "COALMINE_STATE_URL": f"sqlite:///{folder / 'state.db'}",
+                "COALMINE_LISTEN": "127.0.0.1:0",
+                "COALMINE_ADMIN_TOKEN": secrets.token_urlsafe(16),
+                "COALMINE_DISCOVERY_INTERVAL": "2s",
+            }
+        )
+        daemon = await stack.enter_async_context(open_daemon(settings, prepare(settings)))
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(daemon.serve)
+            print(
+                f"coalmine demo: a simulated Worker {SCRIPT!r} at 100 req/s, policy fast", file=out
+            )
+            print(
+                f"  coalmine  http://127.0.0.1:{port}/metrics  http://127.0.0.1:{port}/health",
+                file=out,
+            )
+            print(
+                f"  prometheus {prometheus} (scraping the simulated Worker every second)", file=out
+            )
+            print(file=out)
+            loop = daemon.loops[SCRIPT]
+            with anyio.fail_after(LIVE_LIMIT):
+                healthy = sim.upload_version(SCRIPT, Behaviour())
+                print("== A healthy canary: promoted through every step, then watched", file=out)
+                sim.start_canary(SCRIPT, healthy, percent=10)
+                await _follow(
+                    loop, out, lambda s: s.phase is RolloutPhase.IDLE and s.stable == healthy
+                )
+                print(file=out)
+                print(
+                    "== A faulty canary: 5xx errors start at the 50% step; it is rolled back",
+                    file=out,
+                )
+                faulty = sim.upload_version(SCRIPT, Behaviour())
+                sim.start_canary(SCRIPT, faulty, percent=10)
+                faults: list[Fault] = []
+
+                def rolled_back(state: RolloutState) -> bool:
+                    if state.canary == faulty and state.canary_percent == 50 and not faults:
+                        faults.append(sim.schedule_fault(SCRIPT, faulty, http_5xx_rate=0.08))
+                    return state.phase is RolloutPhase.ROLLED_BACK
+
+                await _follow(loop, out, rolled_back)
+            print(file=out)
+            pages = [p for p in sim.pages if p.get("event_action") == "trigger"]
+            print(
+                f"PagerDuty received {len(pages)} page(s); Slack {len(sim.slack_messages)} message(s); "
+                f"Grafana {len(sim.annotations)} annotation(s). Journal: {daemon.store.verify_journal().entries} "
+                f"entries, chain verified.",
+                file=out,
+            )
+            tg.cancel_scope.cancel()
+    return 0
+
+
+async def _follow(loop: ScriptLoop, out: TextIO, done: Callable[[RolloutState], bool]) -> None:
+    """Print the loop's decisions as they are made, until ``done(state)``."""
+    seen, header = len(loop.recent), True
+    while True:
+        fresh = loop.recent[seen:]
+        if fresh or header:
+            lines = list(format_table(fresh))
+            for line in lines[0 if header else 1 :]:
+                print("   " + line, file=out, flush=True)
+            header, seen = False, len(loop.recent)
+        if done(loop.state):
+            return
+        await anyio.sleep(0.2)

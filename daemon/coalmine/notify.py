@@ -25,11 +25,14 @@ from typing import Any
 
 import anyio
 import httpx
+import structlog
 
 from coalmine.engine import Decision, RolloutState
 from coalmine.engine.model import format_time
+from coalmine.errors import StoreError
 from coalmine.store import NewNotification, OutboxItem, Store
 
+log = structlog.get_logger("coalmine")
 SUMMARY_LIMIT = 1024
 CHANGE_ACTIONS = ("start", "set_traffic", "promote", "rollback", "complete")
 SLACK_ACTIONS = ("warn", "start", "promote", "rollback", "complete", "pause", "resume")
@@ -165,9 +168,12 @@ class Outbox:
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver forever."""
+        """Deliver forever; a failing state store is retried at the next poll."""
         while True:
-            await self.deliver_due()
+            try:
+                await self.deliver_due()
+            except StoreError as exc:
+                log.error("outbox: state store failed; retrying", error=str(exc))
             with anyio.move_on_after(self._poll):
                 await self._wake.wait()
             self._wake = anyio.Event()

@@ -208,7 +208,7 @@ def entry_hash(
 
 
 class Store:
-    """One SQLite database. Not thread-safe: the daemon uses it from one worker thread."""
+    """One SQLite database, used from the daemon's event-loop thread only (writes are small)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)

@@ -234,7 +234,7 @@ class Engine:
             and track.inconclusive_since is not None
             and run.now >= track.inconclusive_since + self._page_after
         ):
-            since = format_time(track.inconclusive_since)
+            since = _when(track.inconclusive_since)
             run.emit_rule(
                 "page",
                 f"{rule.name} inconclusive since {since} ({track.detail}): the rollout holds",
@@ -659,8 +659,12 @@ def _inconclusive_text(track: RuleTrack) -> str:
     return f"inconclusive ({track.detail})"
 
 
+def _when(t: datetime) -> str:
+    return format_time(t.replace(microsecond=0))
+
+
 def _trip_text(rule: CompiledRule, track: RuleTrack, consequence: str) -> str:
-    since = format_time(track.breached_since) if track.breached_since else "now"
+    since = _when(track.breached_since) if track.breached_since else "now"
     stable = f" (stable {_num(track.stable_value)})" if track.stable_value is not None else ""
     return (
         f"{rule.name} tripped: {_value_text(rule, track)}{stable}, breaching since {since} "

@@ -1,0 +1,298 @@
+"""The live daemon: one loop per watched script around the pure engine.
+
+Each tick of a script, in order: apply any traffic change still pending (after a crash or a
+failed call), read the live deployment, apply queued operator commands, fetch every active
+rule's observation for both versions concurrently (each with a timeout), run the engine, then
+persist state, journal entries, notifications and traffic intents in one transaction, and only
+then call Cloudflare. Loops run at ``analysis.interval`` while a canary is active and at
+``COALMINE_DISCOVERY_INTERVAL`` otherwise, on a fixed schedule: no overlapping polls, no drift,
+missed ticks coalesced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+import structlog
+
+from coalmine.actuator import Actuator, intent_for
+from coalmine.cloudflare import (
+    CloudflareClient,
+    CloudflareError,
+    LiveDeployment,
+    Version,
+    to_engine,
+)
+from coalmine.engine import Command, Decision, Engine, Observation, RolloutPhase, RolloutState
+from coalmine.errors import CoalmineError, StoreError
+from coalmine.health import Health
+from coalmine.metrics import Metrics
+from coalmine.notify import Outbox, notifications
+from coalmine.policy import Policy, Rule
+from coalmine.sources import Source, Target
+from coalmine.store import NewEntry, Store
+
+log = structlog.get_logger("coalmine")
+
+
+class CommandFailed(CoalmineError):
+    """An operator command could not be applied (the tick that carried it failed)."""
+
+
+ACTIVE = (RolloutPhase.CANARY, RolloutPhase.PAUSED, RolloutPhase.PROMOTED, RolloutPhase.STOOD_DOWN)
+
+
+@dataclass
+class Shared:
+    """What every script's loop uses."""
+
+    store: Store
+    cloudflare: CloudflareClient
+    actuator: Actuator
+    sources: dict[str, Source]
+    metrics: Metrics
+    health: Health
+    outbox: Outbox
+    clock: Callable[[], datetime]
+    discovery_interval: timedelta
+    fetch_timeout: float = 20.0
+
+
+@dataclass
+class _Pending:
+    command: Command
+    done: anyio.Event = field(default_factory=anyio.Event)
+    decisions: list[Decision] = field(default_factory=list)
+    error: str | None = None
+
+
+class ScriptLoop:
+    """One Worker script's rollout, polled on schedule."""
+
+    def __init__(
+        self, script: str, policy: Policy, engine: Engine, state: RolloutState, shared: Shared
+    ) -> None:
+        self.script = script
+        self.policy = policy
+        self.engine = engine
+        self.state = state
+        self.recent: list[Decision] = []
+        self._shared = shared
+        self._rules: dict[str, Rule] = {r.name: r for r in policy.rules}
+        self._versions: dict[str, Version] = {}
+        self._pending: list[_Pending] = []
+        self._wake = anyio.Event()
+
+    @property
+    def interval(self) -> timedelta:
+        """The poll period for the rollout's phase."""
+        active = self.state.phase in ACTIVE
+        return self.policy.analysis.interval if active else self._shared.discovery_interval
+
+    async def run(self) -> None:
+        """Tick forever on schedule; a failed tick is logged and the next one comes."""
+        clock = self._shared.clock
+        due = clock()
+        while True:
+            now = clock()
+            self._shared.metrics.tick_lateness.observe(max(0.0, (now - due).total_seconds()))
+            await self.tick_safely(now)
+            step = self.interval
+            due += step
+            while due <= clock():  # coalesce missed ticks
+                due += step
+            with anyio.move_on_after((due - clock()).total_seconds()):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = anyio.Event()
+                due = clock()
+
+    async def submit(self, command: Command, timeout: float = 30.0) -> list[Decision]:
+        """Queue an operator command, wake the loop, and return its decisions once applied."""
+        pending = _Pending(command)
+        self._pending.append(pending)
+        self._wake.set()
+        with anyio.fail_after(timeout):
+            await pending.done.wait()
+        if pending.error is not None:
+            raise CommandFailed(pending.error)
+        return pending.decisions
+
+    async def tick_safely(self, now: datetime) -> None:
+        """One tick; remote and store failures are logged, reported in /health, never raised."""
+        try:
+            await self.tick(now)
+            self._shared.health.store_ok = True
+        except StoreError as exc:
+            self._shared.health.store_ok = False
+            log.error("state store failed; tick not recorded", script=self.script, error=str(exc))
+        except CloudflareError as exc:
+            log.warning("cloudflare call failed; tick skipped", script=self.script, error=str(exc))
+        except Exception as exc:  # a bug must not stop the other scripts or the next tick
+            log.exception("internal error; tick skipped", script=self.script, error=repr(exc))
+            self._shared.metrics.internal_errors.inc()
+
+    async def tick(self, now: datetime) -> list[Decision]:
+        """Reconcile, observe, decide, persist, act."""
+        shared = self._shared
+        for intent, applied in await shared.actuator.reconcile(self.script):
+            failed = isinstance(applied, Exception)
+            shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
+            if failed:
+                log.warning(
+                    "traffic change not applied yet; holding",
+                    script=self.script,
+                    kind=intent.kind,
+                    error=str(applied),
+                )
+                return []
+        live = await shared.cloudflare.current(self.script)
+        before = self.state
+        pending, self._pending = self._pending, []
+        try:
+            return await self._decide(live, before, pending, now)
+        except BaseException as exc:
+            for item in pending:
+                if not item.done.is_set():
+                    item.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    item.done.set()
+            raise
+
+    async def _decide(
+        self,
+        live: LiveDeployment | None,
+        before: RolloutState,
+        pending: list[_Pending],
+        now: datetime,
+    ) -> list[Decision]:
+        state, decisions = self.state, []
+        if live is not None:
+            if any(v not in self._versions for v, _ in live.versions):
+                self._versions = await self._shared.cloudflare.versions(self.script)
+            outcome = self.engine.observe_deployment(state, to_engine(live, self._versions), now)
+            state, decisions = outcome.state, outcome.decisions
+        for item in pending:
+            outcome = self.engine.command(state, item.command, now)
+            state, item.decisions = outcome.state, outcome.decisions
+            decisions += outcome.decisions
+        observations = await self._observe(state, now) if state.phase in ACTIVE else []
+        outcome = self.engine.tick(state, now, observations)
+        state, decisions = outcome.state, decisions + outcome.decisions
+        with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+            # a stop (SIGTERM) lets the tick's write and traffic change finish
+            return await self._record_and_act(before, state, decisions, pending, now)
+        return decisions
+
+    async def _record_and_act(
+        self,
+        before: RolloutState,
+        state: RolloutState,
+        decisions: list[Decision],
+        pending: list[_Pending],
+        now: datetime,
+    ) -> list[Decision]:
+        shared = self._shared
+        self._persist(before, state, decisions, now)
+        for item in pending:
+            item.done.set()
+        if decisions:
+            shared.outbox.wake()
+            self.recent = (self.recent + decisions)[-50:]
+            for d in decisions:
+                log.info(
+                    d.reason, script=self.script, action=d.action, rule=d.rule, canary=d.canary
+                )
+        shared.metrics.record(state, self.engine.rules, decisions)
+        if any(intent_for(d) for d in decisions):
+            for intent, result in await shared.actuator.reconcile(self.script):
+                failed = isinstance(result, Exception)
+                shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
+                if failed:
+                    log.warning(
+                        "traffic change failed; retrying next tick",
+                        script=self.script,
+                        kind=intent.kind,
+                        error=str(result),
+                    )
+        return decisions
+
+    def _persist(
+        self,
+        before: RolloutState,
+        state: RolloutState,
+        decisions: Sequence[Decision],
+        now: datetime,
+    ) -> None:
+        entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
+        intents = [i for i in (intent_for(d) for d in decisions) if i is not None]
+        self._shared.store.commit(
+            self.script, state.to_json(), entries, notifications(decisions, before), now, intents
+        )
+        self.state = state
+
+    async def _observe(self, state: RolloutState, now: datetime) -> list[Observation]:
+        canary, stable = state.canary, state.stable
+        assert canary is not None
+        assert stable is not None
+        rules = [self._rules[r.name] for r in self.engine.active_rules(state)]
+        targets = [
+            Target(self.script, "canary", canary, canary, stable),
+            Target(self.script, "stable", stable, canary, stable),
+        ]
+        results: list[Observation] = []
+
+        async def one(rule: Rule, target: Target) -> None:
+            results.append(await self._fetch(rule, target, now))
+
+        async with anyio.create_task_group() as tg:
+            for rule in rules:
+                for target in targets:
+                    tg.start_soon(one, rule, target)
+        return results
+
+    async def _fetch(self, rule: Rule, target: Target, now: datetime) -> Observation:
+        source = self._shared.sources.get(rule.source)
+        if source is None:
+            return Observation(
+                rule.name, target.role, None, None, f"source {rule.source} is not configured"
+            )
+        with anyio.move_on_after(self._shared.fetch_timeout):
+            return await source.fetch(rule, target, now)
+        return Observation(
+            rule.name, target.role, None, None, f"timeout after {self._shared.fetch_timeout:g}s"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The rollout as the admin API shows it."""
+        s = self.state
+        rules = {
+            name: {
+                "status": t.status.value,
+                "value": t.value,
+                "stable_value": t.stable_value,
+                "samples": t.samples,
+                "breaching": t.breaching,
+                "breached_since": t.breached_since.isoformat() if t.breached_since else None,
+                "detail": t.detail,
+            }
+            for name, t in s.rules.items()
+        }
+        return {
+            "script": self.script,
+            "policy": self.policy.name,
+            "phase": s.phase.value,
+            "canary": s.canary,
+            "stable": s.stable,
+            "canary_percent": s.canary_percent,
+            "step": s.step + 1 if s.phase in ACTIVE else 0,
+            "steps": [step.weight for step in self.policy.steps],
+            "rules": rules,
+            "recent_decisions": [d.to_dict() for d in self.recent[-20:]],
+        }
+
+
+Sleep = Callable[[float], Awaitable[None]]

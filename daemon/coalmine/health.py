@@ -1,0 +1,71 @@
+"""Per-dependency health for /health: the latest call's status and latency, and when it failed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Status = Literal["healthy", "degraded", "unhealthy"]
+
+
+@dataclass(slots=True)
+class Check:
+    """What the latest calls to one dependency showed."""
+
+    ok: bool = True
+    latency_ms: float | None = None
+    error: str | None = None
+    failing_since: float | None = None
+
+
+class Health:
+    """Collects call outcomes per dependency; a failing dependency makes coalmine degraded."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._checks: dict[str, Check] = {}
+        self.store_ok = True
+
+    def expect(self, *dependencies: str) -> None:
+        """Dependencies that appear in /health even before their first call."""
+        for name in dependencies:
+            self._checks.setdefault(name, Check())
+
+    def record(self, dependency: str, seconds: float, error: str | None) -> None:
+        """A call finished."""
+        check = self._checks.setdefault(dependency, Check())
+        check.latency_ms = round(seconds * 1000, 1)
+        if error is None:
+            check.ok, check.error, check.failing_since = True, None, None
+        else:
+            if check.ok:
+                check.failing_since = self._clock()
+            check.ok, check.error = False, error
+
+    @property
+    def status(self) -> Status:
+        """``unhealthy`` when the state store fails, ``degraded`` when any other dependency does."""
+        if not self.store_ok:
+            return "unhealthy"
+        return "healthy" if all(c.ok for c in self._checks.values()) else "degraded"
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``checks`` object of /health."""
+        now = self._clock()
+        out: dict[str, Any] = {}
+        for name, check in sorted(self._checks.items()):
+            entry: dict[str, Any] = {
+                "status": "healthy" if check.ok else "failing",
+                "latency_ms": check.latency_ms,
+            }
+            if not check.ok:
+                entry["error"] = check.error
+                entry["failing_for_s"] = round(now - (check.failing_since or now), 1)
+            out[name] = entry
+        out["state_store"] = {
+            "status": "healthy" if self.store_ok else "failing",
+            "latency_ms": None,
+        }
+        return out

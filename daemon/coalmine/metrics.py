@@ -1,0 +1,159 @@
+"""coalmine's own /metrics: registered on an injected registry, never a global one.
+
+Names follow the exporter conventions (prefix ``coalmine_``, base units, ``_total`` counters,
+``_info`` for build info) and carry the measured values, not just verdicts: per rule its
+latest value, threshold, sample count and whether it breaches.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from coalmine import __version__
+from coalmine.engine import Decision, RolloutPhase, RolloutState
+from coalmine.engine.judge import CompiledRule
+from coalmine.engine.state import RuleStatus
+
+
+class Metrics:
+    """Every metric coalmine exports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.build = Info("coalmine_build", "coalmine's version.", registry=registry)
+        self.build.info({"version": __version__})
+        self.phase = Gauge(
+            "coalmine_rollout_phase",
+            "1 for the phase each script's rollout is in.",
+            ["script", "phase"],
+            registry=registry,
+        )
+        self.weight = Gauge(
+            "coalmine_canary_weight_percent",
+            "Traffic percent on the canary.",
+            ["script"],
+            registry=registry,
+        )
+        self.step = Gauge(
+            "coalmine_rollout_step",
+            "Current step (1-based; 0 when idle).",
+            ["script"],
+            registry=registry,
+        )
+        self.rule_value = Gauge(
+            "coalmine_rule_value",
+            "A rule's latest value per version (NaN when none).",
+            ["script", "rule", "version"],
+            registry=registry,
+        )
+        self.rule_threshold = Gauge(
+            "coalmine_rule_threshold", "A rule's threshold.", ["script", "rule"], registry=registry
+        )
+        self.rule_samples = Gauge(
+            "coalmine_rule_samples",
+            "Requests behind the canary's latest value.",
+            ["script", "rule"],
+            registry=registry,
+        )
+        self.rule_breaching = Gauge(
+            "coalmine_rule_breaching",
+            "1 when the canary's latest value breaches.",
+            ["script", "rule"],
+            registry=registry,
+        )
+        self.rule_inconclusive = Gauge(
+            "coalmine_rule_inconclusive",
+            "1 when the latest evaluation is inconclusive.",
+            ["script", "rule"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "coalmine_decisions_total",
+            "Decisions made, by action.",
+            ["script", "action"],
+            registry=registry,
+        )
+        self.rollbacks = Counter(
+            "coalmine_rollbacks_total",
+            "Rollbacks, automatic or by an operator.",
+            ["script"],
+            registry=registry,
+        )
+        self.source_latency = Histogram(
+            "coalmine_source_request_duration_seconds",
+            "Latency of calls to metrics sources and APIs.",
+            ["source"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.source_errors = Counter(
+            "coalmine_source_errors_total",
+            "Failed calls to sources and APIs, by kind.",
+            ["source", "kind"],
+            registry=registry,
+        )
+        self.actuator_calls = Counter(
+            "coalmine_actuator_calls_total",
+            "Traffic changes applied, by result.",
+            ["script", "result"],
+            registry=registry,
+        )
+        self.notifications = Counter(
+            "coalmine_notifications_total",
+            "Notification delivery attempts.",
+            ["channel", "result"],
+            registry=registry,
+        )
+        self.outbox_backlog = Gauge(
+            "coalmine_outbox_backlog", "Notifications waiting for delivery.", registry=registry
+        )
+        self.internal_errors = Counter(
+            "coalmine_internal_errors_total",
+            "Ticks skipped because of an unexpected error (a bug; see the logs).",
+            registry=registry,
+        )
+        self.tick_lateness = Histogram(
+            "coalmine_tick_lateness_seconds",
+            "How late each evaluation started against its schedule.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+
+    def observe_call(self, source: str, seconds: float, error: str | None) -> None:
+        """A source or API call finished (the hook sources and clients are given)."""
+        self.source_latency.labels(source).observe(seconds)
+        if error is not None:
+            self.source_errors.labels(source, error).inc()
+
+    def record(
+        self, state: RolloutState, rules: tuple[CompiledRule, ...], decisions: list[Decision]
+    ) -> None:
+        """Export a script's state after a tick."""
+        script = state.script
+        for phase in RolloutPhase:
+            self.phase.labels(script, phase.value).set(1 if state.phase is phase else 0)
+        self.weight.labels(script).set(
+            state.canary_percent if state.phase is not RolloutPhase.PROMOTED else 100
+        )
+        active = state.phase not in (RolloutPhase.IDLE, RolloutPhase.ROLLED_BACK)
+        self.step.labels(script).set(state.step + 1 if active else 0)
+        for rule in rules:
+            track = state.rules.get(rule.name)
+            self.rule_threshold.labels(script, rule.name).set(rule.threshold)
+            if track is None:
+                continue
+            self.rule_value.labels(script, rule.name, "canary").set(_value(track.value))
+            self.rule_value.labels(script, rule.name, "stable").set(_value(track.stable_value))
+            self.rule_samples.labels(script, rule.name).set(_value(track.samples))
+            self.rule_breaching.labels(script, rule.name).set(1 if track.breaching else 0)
+            self.rule_inconclusive.labels(script, rule.name).set(
+                1 if track.status is RuleStatus.INCONCLUSIVE else 0
+            )
+        for d in decisions:
+            self.decisions.labels(script, d.action).inc()
+            if d.action == "rollback":
+                self.rollbacks.labels(script).inc()
+
+
+def _value(value: float | None) -> float:
+    return float("nan") if value is None else value
