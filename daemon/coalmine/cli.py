@@ -20,7 +20,7 @@ from coalmine.logs import configure as configure_logging
 from coalmine.policy import json_schema
 from coalmine.policyfile import load_policies, load_policy
 from coalmine.replay import format_table, parse_records, replay
-from coalmine.settings import load_settings
+from coalmine.settings import Settings, env_name, load_settings
 from coalmine.store import Store
 
 EXIT_LOCAL_ERROR = 2
@@ -56,7 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true", help="mark traffic decisions as dry run")
     rep.set_defaults(handler=_replay)
 
-    run = commands.add_parser("run", help="the daemon")
+    run = commands.add_parser(
+        "run",
+        help="the daemon",
+        description="Watch every script the policies govern; configured by COALMINE_* variables.",
+        epilog="variables: " + ", ".join(env_name(n) for n in Settings.model_fields),
+    )
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="every rollout, as a table")

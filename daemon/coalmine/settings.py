@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from coalmine.durations import format_duration
 from coalmine.errors import ConfigError
 from coalmine.policy import Duration
 
@@ -40,43 +41,79 @@ class Settings(BaseSettings):
     )
 
     policies: Path = Field(
-        default=Path("policies/runbook.yaml"), description="A policy file or a folder of them."
+        default=Path("policies/runbook.yaml"),
+        description="A policy file, or a folder whose *.yaml files are all loaded.",
     )
-    cloudflare_account_id: str | None = Field(default=None, description="Required for live use.")
+    cloudflare_account_id: str | None = Field(
+        default=None, description="Account that owns the Workers. Required to run."
+    )
     cloudflare_api_token: SecretStr | None = Field(
-        default=None, description="Required for live use."
+        default=None,
+        description="API token: Workers Scripts Edit, Account Analytics Read. Required to run.",
     )
     cloudflare_api_url: str = Field(
-        default="https://api.cloudflare.com/client/v4", description="GraphQL at {url}/graphql."
+        default="https://api.cloudflare.com/client/v4",
+        description="Cloudflare API base; GraphQL analytics at {url}/graphql.",
     )
-    prometheus_url: str | None = Field(default=None, description="e.g. http://prometheus:9090.")
+    prometheus_url: str | None = Field(
+        default=None, description="Prometheus for `prometheus` rules, e.g. http://prometheus:9090."
+    )
     grafana_url: str | None = Field(
-        default=None, description="Grafana, for queries and annotations."
+        default=None, description="Grafana, for `grafana` rules (datasource proxy) and annotations."
     )
     grafana_token: SecretStr | None = Field(
-        default=None, description="Grafana service-account token."
+        default=None, description="Grafana service-account token (Editor, for annotations)."
     )
     grafana_datasource_uid: str | None = Field(
-        default=None, description="Prometheus datasource UID."
+        default=None, description="UID of the Prometheus datasource `grafana` rules query."
     )
-    pagerduty_routing_key: SecretStr | None = Field(default=None, description="Events v2 key.")
-    pagerduty_url: str = Field(default="https://events.pagerduty.com", description="Events API.")
-    slack_webhook_url: SecretStr | None = Field(default=None, description="Incoming webhook.")
-    auto_rollback: bool = Field(default=True, description="false: page and hold instead.")
-    auto_promote: bool = Field(default=True, description="false: stop before each advance.")
-    dry_run: bool = Field(default=False, description="Evaluate, journal, notify; never write.")
-    state_url: str = Field(default="sqlite:///coalmine.db", description="State and journal.")
+    pagerduty_routing_key: SecretStr | None = Field(
+        default=None,
+        description="PagerDuty Events v2 routing key: pages and change events. Unset: none sent.",
+    )
+    pagerduty_url: str = Field(
+        default="https://events.pagerduty.com", description="PagerDuty Events API base."
+    )
+    slack_webhook_url: SecretStr | None = Field(
+        default=None,
+        description="Slack incoming webhook for warnings and outcomes. Unset: none sent.",
+    )
+    auto_rollback: bool = Field(
+        default=True,
+        description="`false`: a tripped rollback rule pages and holds instead of rolling back.",
+    )
+    auto_promote: bool = Field(
+        default=True, description="`false`: stop before each advance until an operator promotes."
+    )
+    dry_run: bool = Field(
+        default=False, description="`true`: evaluate, journal and notify, never change traffic."
+    )
+    state_url: str = Field(
+        default="sqlite:///coalmine.db",
+        description="SQLite file for rollout state, intents, outbox and the journal.",
+    )
     cloudflare_rate_limit: int = Field(
-        default=600, gt=0, le=1200, description="Cloudflare requests per 5 minutes."
+        default=600,
+        gt=0,
+        le=1200,
+        description="Cloudflare API calls per 5 minutes (the token's budget is 1,200).",
     )
     discovery_interval: Duration = Field(
-        default=timedelta(seconds=60), description="How often idle scripts are checked."
+        default=timedelta(seconds=60),
+        description="How often scripts without a canary are checked for a new split.",
     )
-    listen: str = Field(default="127.0.0.1:9300", description="HTTP endpoints, host:port.")
-    admin_token: SecretStr | None = Field(default=None, description="Bearer token for writes.")
-    log_format: Literal["json", "console"] = Field(default="json", description="structlog output.")
+    listen: str = Field(
+        default="127.0.0.1:9300",
+        description="host:port of /metrics, /health and the admin API (port 0: any).",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="Bearer token for the admin API's writes. Unset: writes refused."
+    )
+    log_format: Literal["json", "console"] = Field(
+        default="json", description="`json` lines or a `console` renderer, on stderr."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Lowest level logged."
+        default="info", description="Lowest level logged: debug, info, warning, error."
     )
 
     @field_validator("cloudflare_api_url", "prometheus_url", "grafana_url", "pagerduty_url")
@@ -143,3 +180,31 @@ def load_settings(
             message = error["msg"].removeprefix("Value error, ")
             lines.append(f"{env_name(field)}: {message}")
         raise ConfigError("; ".join(lines)) from None
+
+
+def reference() -> str:
+    """The configuration reference (docs/configuration.md), generated from :class:`Settings`."""
+    lines = [
+        "# Configuration",
+        "",
+        "coalmine reads its settings from environment variables (or a `.env` file in the working",
+        "directory). A malformed value stops it with a message naming the variable (exit 2).",
+        "Secrets are never printed, logged or exported. This file is generated from",
+        "`coalmine.settings.Settings`; a test fails when the two differ.",
+        "",
+        "| variable | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, timedelta):
+            shown = f"`{format_duration(default)}`"
+        elif default is None:
+            shown = "—"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        else:
+            shown = f"`{default}`"
+        secret = " (secret)" if "SecretStr" in str(field.annotation) else ""
+        lines.append(f"| `{env_name(name)}` | {shown} | {field.description}{secret} |")
+    return "\n".join(lines) + "\n"

@@ -95,3 +95,12 @@ def test_every_field_has_a_variable_and_description() -> None:
     for name, field in Settings.model_fields.items():
         assert env_name(name) == "COALMINE_" + name.upper()
         assert field.description, name
+
+
+def test_configuration_reference_is_generated_from_the_model() -> None:
+    """docs/configuration.md is exactly what the settings model generates (regenerate it with
+    `python -c "from coalmine.settings import reference; print(reference(), end='')"`)."""
+    from coalmine.settings import reference
+    from tests.support import ROOT
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == reference()
