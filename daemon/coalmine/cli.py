@@ -14,6 +14,7 @@ import anyio
 from coalmine import __version__, client
 from coalmine.app import prepare, run_until_signalled
 from coalmine.demo import run_demo
+from coalmine.durations import parse_duration
 from coalmine.engine import Engine, Options
 from coalmine.errors import CoalmineError, ConfigError, LocalError, PolicyError, ReplayFormatError
 from coalmine.logs import configure as configure_logging
@@ -22,6 +23,7 @@ from coalmine.policyfile import load_policies, load_policy
 from coalmine.replay import format_table, parse_records, replay
 from coalmine.settings import Settings, env_name, load_settings
 from coalmine.store import Store
+from coalmine.validate import validate
 
 EXIT_LOCAL_ERROR = 2
 EXIT_INTERNAL = 70
@@ -82,6 +84,17 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("script")
         sub.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
         sub.set_defaults(handler=_command, kind=kind, version=None)
+
+    gate = commands.add_parser(
+        "validate",
+        help="one-shot CI gate: exit 0 promoted, 1 rolled back, 3 no verdict",
+        description="Drive one script's canary to a verdict in the foreground.",
+    )
+    gate.add_argument("--script", required=True, help="the Worker script")
+    gate.add_argument(
+        "--duration", type=parse_duration, help="give up after (default: the holds + 5m)"
+    )
+    gate.set_defaults(handler=_validate)
 
     journal = commands.add_parser("journal", help="check or export the decision journal")
     journal_commands = journal.add_subparsers(
@@ -151,6 +164,13 @@ def _run(_: argparse.Namespace) -> int:
     policies = prepare(settings)
     anyio.run(run_until_signalled, settings, policies)
     return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(settings.log_format, "warning")
+    policies = prepare(settings)
+    return anyio.run(validate, settings, policies, args.script, args.duration)
 
 
 def _status(args: argparse.Namespace) -> int:
