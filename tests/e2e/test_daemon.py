@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 
 from coalmine.engine import RolloutPhase
@@ -186,3 +187,88 @@ async def test_source_outage_holds_and_pages_then_carries_on(tmp_path: Path) -> 
         resolves = [p for p in h.sim.pages if p.get("event_action") == "resolve"]
         assert {r["dedup_key"] for r in resolves} == {p["dedup_key"] for p in warnings}
         assert h.daemon.health.status == "healthy"
+
+
+PROMETHEUS_POLICY = """
+version: 1
+name: e2e-prometheus
+scripts: [api]
+analysis: {interval: 30s, warmup: 0s, inconclusive_page_after: 5m}
+steps: [{weight: 10, hold: 5m}, {weight: 50, hold: 5m}, {weight: 100}]
+rules:
+  - {name: error_rate, source: prometheus, query: 'errors{version="$version"}', samples: 'requests{version="$version"}',
+     min_samples: 100, above: 0.01, for: 1m, on_breach: rollback}
+"""
+
+
+async def test_prometheus_down_holds_and_pages_never_promotes_then_carries_on(
+    tmp_path: Path,
+) -> None:
+    """Prometheus unreachable: inconclusive, hold, a warning page, no advance; back: it goes on."""
+    from coalmine.httpserver import Request, Response, serve
+    from coalmine.localprom import free_port
+
+    port = free_port()
+
+    async def prometheus(request: Request) -> Response:
+        query = request.query.get("query", [""])[0] or dict(
+            p.split("=", 1) for p in request.body.decode().split("&")
+        ).get("query", "")
+        value = "1000" if "requests" in query else "0.001"
+        return Response.json(
+            200,
+            {
+                "status": "success",
+                "data": {"resultType": "vector", "result": [{"metric": {}, "value": [0, value]}]},
+            },
+        )
+
+    env = {"COALMINE_PROMETHEUS_URL": f"http://127.0.0.1:{port}"}
+    async with harness(tmp_path, policy=PROMETHEUS_POLICY, env=env) as h:
+        for _ in range(24):  # 12 minutes with nothing listening
+            await h.tick()
+        assert h.loop.state.canary_percent == 10
+        assert not {"set_traffic", "promote", "rollback"} & set(h.actions())
+        pages = [p for p in h.sim.pages if p.get("event_action") == "trigger"]
+        assert [p["payload"]["severity"] for p in pages] == ["warning"]  # type: ignore[index]
+        assert h.daemon.health.snapshot()["prometheus"]["status"] == "failing"
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                lambda task_status: serve(prometheus, "127.0.0.1", port, task_status=task_status)
+            )
+            await h.run_until(lambda h: h.loop.state.canary_percent == 50, timedelta(minutes=10))
+            tg.cancel_scope.cancel()
+        assert [p["event_action"] for p in h.sim.pages] == ["trigger", "resolve"]
+
+
+async def test_operator_start_splits_traffic(tmp_path: Path) -> None:
+    """`coalmine start api VERSION` on an idle script: the first step's split, POSTed once."""
+    from coalmine.engine import Command
+
+    async with harness(tmp_path, start_canary=False) as h:
+        await h.tick()
+        assert h.phase is P.IDLE
+        async with anyio.create_task_group() as tg:
+            results: list[object] = []
+
+            async def submit() -> None:
+                results.append(await h.loop.submit(Command("start", h.canary)))
+
+            tg.start_soon(submit)
+            with anyio.fail_after(10):
+                while not h.loop._pending:
+                    await anyio.sleep(0.01)
+            await h.tick()
+        assert h.sim.deployment_posts("api") == [
+            {
+                "strategy": "percentage",
+                "versions": [
+                    {"version_id": h.canary, "percentage": 10},
+                    {"version_id": h.stable, "percentage": 90},
+                ],
+                "annotations": {"workers/message": "coalmine: canary to 10%"},
+            }
+        ]
+        await h.tick()
+        assert h.phase is P.CANARY and h.loop.state.canary_percent == 10
+        assert "warn" not in h.actions()  # its own split read back is not drift
