@@ -28,7 +28,7 @@ from coalmine.api import Api
 from coalmine.cloudflare import CloudflareClient
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
-from coalmine.errors import ConfigError
+from coalmine.errors import ConfigError, StoreError
 from coalmine.health import Health
 from coalmine.httpserver import serve
 from coalmine.metrics import Metrics
@@ -43,6 +43,7 @@ from coalmine.sources.prometheus import PrometheusSource
 from coalmine.store import Store
 
 log = structlog.get_logger("coalmine")
+JOURNAL_CHECK_EVERY = 3600.0  # seconds between hash-chain checks of the journal
 
 
 def _now() -> datetime:
@@ -142,6 +143,7 @@ class Daemon:
             for loop in self.loops.values():
                 await self.shared.actuator.reconcile(loop.script)
             tg.start_soon(self.outbox.run)
+            tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
             for loop in self.loops.values():
                 tg.start_soon(loop.run)
             self.api.ready = True
@@ -155,6 +157,27 @@ class Daemon:
                 auto_promote=self.settings.auto_promote,
             )
             task_status.started(bound)
+
+    def verify_journal(self) -> bool:
+        """Check the journal's hash chain now and export the result."""
+        try:
+            result = self.store.verify_journal()
+        except StoreError as exc:
+            log.error("journal could not be read for verification", error=str(exc))
+            return False
+        self.metrics.journal_verified.set(1 if result.ok else 0)
+        self.metrics.journal_entries.set(result.entries)
+        if not result.ok:
+            log.error(
+                "journal verification FAILED", problem=result.problem, good_entries=result.entries
+            )
+        return result.ok
+
+    async def verify_journal_every(self, seconds: float) -> None:
+        """Verify the journal at start-up and then every ``seconds``."""
+        while True:
+            self.verify_journal()
+            await anyio.sleep(seconds)
 
 
 @asynccontextmanager

@@ -107,6 +107,16 @@ class Metrics:
         self.outbox_backlog = Gauge(
             "coalmine_outbox_backlog", "Notifications waiting for delivery.", registry=registry
         )
+        self.journal_verified = Gauge(
+            "coalmine_journal_verified",
+            "1 when the decision journal's hash chain verified at the last check, 0 when broken.",
+            registry=registry,
+        )
+        self.journal_entries = Gauge(
+            "coalmine_journal_entries",
+            "Entries in the decision journal at the last check.",
+            registry=registry,
+        )
         self.internal_errors = Counter(
             "coalmine_internal_errors_total",
             "Ticks skipped because of an unexpected error (a bug; see the logs).",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -164,3 +165,73 @@ async def test_rollouts_read_api(tmp_path: Path) -> None:
     assert body["rules"]["exceptions"]["status"] in ("ok", "warmup")
     assert body["recent_decisions"][0]["action"] == "start"
     assert missing.status_code == 404
+
+
+async def test_journal_verification_is_exported(tmp_path: Path) -> None:
+    """coalmine_journal_verified is 1 for an intact chain and 0 once an entry is edited."""
+    import sqlite3
+
+    async with harness(tmp_path) as h, served(h) as client:
+        for _ in range(3):
+            await h.tick()
+        assert h.daemon.verify_journal()
+        intact = (await client.get("/metrics")).text
+        db = sqlite3.connect(h.daemon.store.path)
+        db.executescript(
+            "DROP TRIGGER journal_no_update; UPDATE journal SET actor = 'mallory' WHERE seq = 1;"
+        )
+        db.close()
+        assert not h.daemon.verify_journal()
+        broken = (await client.get("/metrics")).text
+    assert "coalmine_journal_verified 1.0" in intact
+    assert "coalmine_journal_verified 0.0" in broken
+
+
+async def test_no_secret_reaches_metrics_health_journal_outbox_or_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through failures and a rollback, no token, key or webhook appears anywhere coalmine writes."""
+    import sqlite3
+
+    from coalmine.simulator import Behaviour
+
+    async with harness(tmp_path, canary=Behaviour(exception_rate=0.3)) as h, served(h) as client:
+        secrets = [
+            h.sim.api_token,
+            h.sim.pagerduty_routing_key,
+            h.sim.grafana_token,
+            ADMIN_TOKEN,
+            h.sim.slack_webhook_url.rsplit("/", 1)[-1],
+        ]
+        h.sim.pagerduty.inject(status=500, times=3)
+        h.sim.cloudflare.inject(
+            method="GET",
+            path="*/deployments",
+            status=403,
+            body={
+                "success": False,
+                "errors": [{"code": 10000, "message": "Authentication error"}],
+                "messages": [],
+                "result": None,
+            },
+            times=2,
+        )
+        for _ in range(40):
+            await h.tick()
+        await client.post(
+            "/api/v1/rollouts/api/pause", headers={"Authorization": "Bearer wrong-token"}
+        )
+        texts = [(await client.get(p)).text for p in ("/metrics", "/health", "/api/v1/rollouts")]
+        texts += [json.dumps(e.to_dict()) for e in h.daemon.store.journal()]
+        db = sqlite3.connect(h.daemon.store.path)
+        texts += [
+            row[0] + str(row[1]) for row in db.execute("SELECT payload, last_error FROM outbox")
+        ]
+        texts += [row[0] for row in db.execute("SELECT state FROM rollouts")]
+        db.close()
+    captured = capsys.readouterr()
+    texts += [captured.out, captured.err]
+    assert "rollback" in h.actions()  # the run went through failures and a rollback
+    for secret in secrets:
+        assert len(secret) >= 16
+        assert not [t for t in texts if secret in t], f"a secret leaked: {secret[:4]}..."
