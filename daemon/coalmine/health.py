@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Status = Literal["healthy", "degraded", "unhealthy"]
+STORE_UNHEALTHY_AFTER = 300.0  # seconds of failing writes before /health says unhealthy (503)
 
 
 @dataclass(slots=True)
@@ -26,7 +27,7 @@ class Health:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._checks: dict[str, Check] = {}
-        self.store_ok = True
+        self._store_failing_since: float | None = None
 
     def expect(self, *dependencies: str) -> None:
         """Dependencies that appear in /health even before their first call."""
@@ -45,11 +46,26 @@ class Health:
             check.ok, check.error = False, error
 
     @property
+    def store_ok(self) -> bool:
+        """Whether the latest state-store write worked."""
+        return self._store_failing_since is None
+
+    @store_ok.setter
+    def store_ok(self, ok: bool) -> None:
+        if ok:
+            self._store_failing_since = None
+        elif self._store_failing_since is None:
+            self._store_failing_since = self._clock()
+
+    @property
     def status(self) -> Status:
-        """``unhealthy`` when the state store fails, ``degraded`` when any other dependency does."""
-        if not self.store_ok:
+        """``degraded`` while any dependency fails; ``unhealthy`` once the state store has failed
+        for longer than :data:`STORE_UNHEALTHY_AFTER` (no decision can be recorded)."""
+        since = self._store_failing_since
+        if since is not None and self._clock() - since > STORE_UNHEALTHY_AFTER:
             return "unhealthy"
-        return "healthy" if all(c.ok for c in self._checks.values()) else "degraded"
+        healthy = since is None and all(c.ok for c in self._checks.values())
+        return "healthy" if healthy else "degraded"
 
     def snapshot(self) -> dict[str, Any]:
         """The ``checks`` object of /health."""

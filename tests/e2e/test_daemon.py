@@ -272,3 +272,28 @@ async def test_operator_start_splits_traffic(tmp_path: Path) -> None:
         await h.tick()
         assert h.phase is P.CANARY and h.loop.state.canary_percent == 10
         assert "warn" not in h.actions()  # its own split read back is not drift
+
+
+async def test_locked_database_skips_the_tick_reports_degraded_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the state database: the tick is not recorded (and so not acted
+    on), /health is degraded, nothing crashes; once released, the next tick records and acts."""
+    import sqlite3
+
+    async with harness(tmp_path) as h:
+        await h.tick()
+        h.daemon.store._db.execute("PRAGMA busy_timeout = 200")
+        locker = sqlite3.connect(h.daemon.store.path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            await h.run_until(lambda h: h.daemon.health.status == "degraded", timedelta(minutes=10))
+            assert h.daemon.health.snapshot()["state_store"]["status"] == "failing"
+            assert h.sim.deployment_posts("api") == []  # undecided ticks change nothing
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await h.run_until(lambda h: h.loop.state.canary_percent == 50, timedelta(minutes=20))
+        assert h.daemon.health.status == "healthy"
+        assert h.daemon.store.verify_journal().ok
+        assert [e.action for e in h.daemon.store.journal()][:2] == ["start", "set_traffic"]
