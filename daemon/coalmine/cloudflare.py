@@ -237,6 +237,11 @@ class CloudflareClient:
         except httpx.TransportError as exc:
             error = "connection"
             raise Retryable(f"connection error: {type(exc).__name__}") from None
+        except httpx.HTTPError as exc:  # decoding, redirects: a bad answer
+            error = "bad_answer"
+            raise CloudflareError(
+                f"{method} {_path(url)}: bad HTTP answer ({type(exc).__name__})"
+            ) from None
         finally:
             if error and self._observe:
                 self._observe(_dependency(url), time.perf_counter() - started, error)

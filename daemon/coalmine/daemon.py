@@ -261,7 +261,12 @@ class ScriptLoop:
                 rule.name, target.role, None, None, f"source {rule.source} is not configured"
             )
         with anyio.move_on_after(self._shared.fetch_timeout):
-            return await source.fetch(rule, target, now)
+            try:
+                return await source.fetch(rule, target, now)
+            except Exception as exc:  # a source must never take the tick down: inconclusive
+                log.exception("source raised", source=rule.source, rule=rule.name)
+                why = f"source {rule.source} failed: {type(exc).__name__}"
+                return Observation(rule.name, target.role, None, None, why)
         return Observation(
             rule.name, target.role, None, None, f"timeout after {self._shared.fetch_timeout:g}s"
         )

@@ -185,20 +185,25 @@ class Outbox:
             try:
                 await self._send(item)
             except DeliveryError as exc:
-                backoff = (
-                    exc.retry_after if exc.retry_after is not None else self._backoff(item.attempts)
-                )
-                if exc.permanent:
-                    backoff = self._max_backoff
-                self._store.failed(item.id, str(exc), self._clock() + timedelta(seconds=backoff))
-                if self._on_result:
-                    self._on_result(item.channel, str(exc))
+                self._failed(item, exc)
+                continue
+            except Exception as exc:  # one bad item must not stop the others
+                log.exception("outbox: unexpected error delivering", channel=item.channel)
+                self._failed(item, DeliveryError(f"internal error: {type(exc).__name__}"))
                 continue
             self._store.delivered(item.id, self._clock())
             delivered += 1
             if self._on_result:
                 self._on_result(item.channel, None)
         return delivered
+
+    def _failed(self, item: OutboxItem, exc: DeliveryError) -> None:
+        backoff = exc.retry_after if exc.retry_after is not None else self._backoff(item.attempts)
+        if exc.permanent:
+            backoff = self._max_backoff
+        self._store.failed(item.id, str(exc), self._clock() + timedelta(seconds=backoff))
+        if self._on_result:
+            self._on_result(item.channel, str(exc))
 
     def _backoff(self, attempts: int) -> float:
         return self._rng.uniform(0.5, 1.0) * min(self._max_backoff, 2.0 ** min(attempts, 12))
@@ -229,6 +234,8 @@ class Outbox:
             raise DeliveryError("timeout") from None
         except httpx.TransportError as exc:
             raise DeliveryError(f"connection error: {type(exc).__name__}") from None
+        except httpx.HTTPError as exc:  # decoding, redirects: the receiver answered badly
+            raise DeliveryError(f"bad answer: {type(exc).__name__}") from None
         if response.status_code in ok:
             return
         after = response.headers.get("retry-after")

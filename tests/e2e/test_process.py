@@ -27,7 +27,7 @@ scripts: [api]
 analysis: {interval: 1s, warmup: 0s, inconclusive_page_after: 1h}
 steps: [{weight: 10, hold: 2s}, {weight: 50, hold: 1h}, {weight: 100}]
 rules:
-  - {name: exceptions, source: cloudflare, signal: errors_per_minute, window: 1m, above: 1000, on_breach: rollback}
+  - {name: exceptions, source: cloudflare, signal: errors_per_minute, window: 1m, above: 1000, on_breach: page}
 """
 
 

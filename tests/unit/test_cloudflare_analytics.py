@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -135,11 +134,44 @@ async def test_cpu_time_is_request_weighted_in_milliseconds() -> None:
     assert obs.value == pytest.approx((60 * 2.0 + 40 * 4.0) / 100)
 
 
-async def test_no_traffic_is_nan_ratio_and_zero_samples() -> None:
-    """No rows for the version: error_ratio is NaN (inconclusive), samples 0."""
-    (obs,) = await fetch_all(lambda _: answer([]), [rule("error_ratio")])
-    assert obs.value is not None and math.isnan(obs.value)
+@pytest.mark.parametrize(
+    "signal", ["errors", "errors_per_minute", "error_ratio", "requests", "cpu_time_p50"]
+)
+async def test_no_traffic_is_no_data_for_every_signal(signal: str) -> None:
+    """No requests from the version in the window: inconclusive (no data), never a 0 that passes."""
+    (obs,) = await fetch_all(lambda _: answer([row("05", "v1", 500, 0)]), [rule(signal)])
+    assert obs.value is None
     assert obs.samples == 0
+    assert obs.error is not None
+    assert obs.error.startswith("no data: no requests from v2")
+
+
+async def test_a_cancelled_query_is_not_cached_as_empty() -> None:
+    """A query cut short by the fetch timeout leaves no cached answer; the next fetch asks again."""
+    calls: list[int] = []
+    never = anyio.Event()
+
+    async def slow_then_fast(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            await never.wait()  # the first answer never comes in time
+        return answer(ROWS)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(slow_then_fast)) as http:
+        client = CloudflareClient(
+            http,
+            base_url="https://cf/client/v4",
+            account_id="acc",
+            token="t",
+            limiter=TokenBucket(600),
+            retry=RetryPolicy(1),
+        )
+        source = CloudflareAnalytics(client, "acc")
+        with anyio.move_on_after(0.2):
+            await source.fetch(rule("errors"), CANARY, AT)
+        obs = await source.fetch(rule("errors"), CANARY, AT)
+    assert len(calls) == 2
+    assert obs.value == 4
 
 
 async def test_graphql_error_inside_200_is_inconclusive() -> None:

@@ -120,3 +120,17 @@ async def test_unconfigured_channels_are_skipped(tmp_path) -> None:  # type: ign
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         outbox = Outbox(store, http, Receivers(), lambda: at(0))
         assert await outbox.deliver_due() == 1
+
+
+async def test_a_receiver_answering_garbage_encoding_is_retried_not_fatal(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A broken Content-Encoding (httpx DecodingError) is a failed delivery, never a crash."""
+    store = Store(tmp_path / "s.db")
+    store.commit("api", {}, [], notifications([page()], RolloutState("api")), now=at(0))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(202, headers={"content-encoding": "gzip"}, content=b"not gzip at all")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        outbox = Outbox(store, http, Receivers("http://pd", ROUTING_KEY), lambda: at(0))
+        assert await outbox.deliver_due() == 0
+    assert store.backlog() == 1

@@ -219,3 +219,12 @@ async def test_metrics_hook_sees_every_attempt() -> None:
 def test_rule_json_roundtrip_unaffected() -> None:
     """The test rule is a valid policy rule (guards the fixtures above)."""
     assert json.loads(RULE.model_dump_json(by_alias=True))["window"] == "1m30s"
+
+
+async def test_undecodable_body_is_inconclusive() -> None:
+    """A body that cannot be decoded (broken Content-Encoding) is an error observation."""
+    obs, _ = await fetch(
+        lambda _: httpx.Response(200, headers={"content-encoding": "gzip"}, content=b"garbage")
+    )
+    assert obs.value is None
+    assert obs.error is not None and "bad HTTP answer: DecodingError" in obs.error

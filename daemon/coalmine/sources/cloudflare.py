@@ -6,6 +6,7 @@ time, because the last minutes of the adaptive datasets are often incomplete, an
 are measured over the same window. Signals, per version, over the rule's ``window``:
 
 - ``requests``, ``errors`` (invocations that threw: *not* HTTP 5xx responses);
+- a version with no requests in the window is inconclusive ("no data") for every signal;
 - ``error_ratio`` = errors / requests; ``errors_per_minute`` = errors / window minutes;
 - ``cpu_time_p50``, ``cpu_time_p99``, ``wall_time_p99`` in milliseconds: the request-weighted
   mean of the per-minute quantiles (Cloudflare reports microseconds).
@@ -102,6 +103,11 @@ class CloudflareAnalytics:
         if query.error is not None:
             return Observation(rule.name, target.role, None, None, query.error)
         rows = [r for r in query.rows if r.version == target.version and start <= r.minute < end]
+        if not any(r.requests > 0 for r in rows):
+            # no requests from this version in the window: nothing was measured
+            window = f"{format_time(start)} .. {format_time(end)}"
+            why = f"no data: no requests from {target.version} in {window}"
+            return Observation(rule.name, target.role, None, 0.0, why)
         minutes = (end - start).total_seconds() / 60
         try:
             value, samples = _signal(rule.signal, rows, minutes)
@@ -134,6 +140,11 @@ class CloudflareAnalytics:
             query.error = str(exc)
         except _Malformed as exc:
             query.error = f"malformed analytics answer: {exc}"
+        except BaseException:
+            # cancelled (a fetch timeout) or a bug: never leave an empty answer behind
+            query.error = "analytics query did not complete"
+            self._queries.pop(key, None)
+            raise
         finally:
             query.done.set()
         return query
@@ -189,7 +200,7 @@ def _signal(signal: str, rows: list[Row], minutes: float) -> tuple[float | None,
     if signal == "errors_per_minute":
         return errors / minutes, requests
     if signal == "error_ratio":
-        return (errors / requests if requests else math.nan), requests
+        return errors / requests, requests
     name = _QUANTILES[signal]
     weighted = [(r.quantiles[name], r.requests) for r in rows if r.requests > 0]
     known = [(q, n) for q, n in weighted if q is not None]

@@ -97,6 +97,9 @@ class PrometheusSource:
         except httpx.TransportError as exc:
             error = "connection"
             raise Retryable(f"connection error: {type(exc).__name__}") from None
+        except httpx.HTTPError as exc:  # decoding, redirects: a bad answer, not worth a retry
+            error = "bad_answer"
+            raise BadAnswer(f"bad HTTP answer: {type(exc).__name__}") from None
         finally:
             if error is not None and self._observe:
                 self._observe(self.name, time.perf_counter() - started, error)
