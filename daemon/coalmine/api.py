@@ -15,7 +15,7 @@ from typing import Any, get_args
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coalmine import __version__
-from coalmine.daemon import CommandFailed, ScriptLoop
+from coalmine.daemon import CommandFailed, CommandQueued, ScriptLoop
 from coalmine.engine import Command
 from coalmine.engine.model import CommandKind
 from coalmine.health import Health
@@ -136,8 +136,8 @@ class Api:
             decisions = await loop.submit(Command(kind, version))  # type: ignore[arg-type]
         except CommandFailed as exc:
             return Response.json(503, {"error": f"not applied: {exc}; try again"})
-        except TimeoutError:
-            return Response.json(503, {"error": "not applied within 30s; try again"})
+        except CommandQueued as exc:
+            return Response.json(202, {"script": script, "command": kind, "queued": str(exc)})
         refused_by_engine = bool(decisions) and all(d.action == "warn" for d in decisions)
         body_out = {
             "script": script,

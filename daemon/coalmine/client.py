@@ -76,6 +76,9 @@ def command(
         payload = response.json()
     except ValueError:
         payload = {}
+    if response.status_code == 202:
+        print(f"{kind}: accepted, still being applied ({payload.get('queued', '')})")
+        return 0
     if response.status_code in (200, 409):
         for d in payload.get("decisions", []):
             print(f"{d['action']}: {d['reason']}")

@@ -40,7 +40,11 @@ log = structlog.get_logger("coalmine")
 
 
 class CommandFailed(CoalmineError):
-    """An operator command could not be applied (the tick that carried it failed)."""
+    """An operator command was not applied (the tick that carried it failed, or none came)."""
+
+
+class CommandQueued(CoalmineError):
+    """An operator command is being applied by a tick that has not finished yet."""
 
 
 ACTIVE = (RolloutPhase.CANARY, RolloutPhase.PAUSED, RolloutPhase.PROMOTED, RolloutPhase.STOOD_DOWN)
@@ -68,6 +72,7 @@ class _Pending:
     done: anyio.Event = field(default_factory=anyio.Event)
     decisions: list[Decision] = field(default_factory=list)
     error: str | None = None
+    taken: bool = False  # a tick has it: it will be applied (or fail) there
 
 
 class ScriptLoop:
@@ -116,8 +121,13 @@ class ScriptLoop:
         pending = _Pending(command)
         self._pending.append(pending)
         self._wake.set()
-        with anyio.fail_after(timeout):
+        with anyio.move_on_after(timeout):
             await pending.done.wait()
+        if not pending.done.is_set():
+            if pending.taken:
+                raise CommandQueued("a tick in progress is applying it; see `coalmine status`")
+            self._pending.remove(pending)  # withdrawn: a retry must not apply it twice
+            raise CommandFailed(f"not applied within {timeout:g}s and withdrawn; nothing changed")
         if pending.error is not None:
             raise CommandFailed(pending.error)
         return pending.decisions
@@ -153,6 +163,8 @@ class ScriptLoop:
         live = await shared.cloudflare.current(self.script)
         before = self.state
         pending, self._pending = self._pending, []
+        for item in pending:
+            item.taken = True
         try:
             return await self._decide(live, before, pending, now)
         except BaseException as exc:

@@ -420,11 +420,19 @@ class Store:
     # ---- outbox ------------------------------------------------------------------------------
 
     def due(self, now: datetime, limit: int = 50) -> list[OutboxItem]:
-        """Undelivered notifications whose next attempt is due, oldest first."""
+        """Undelivered notifications whose next attempt is due, oldest first.
+
+        Items sharing a dedup key go out in order: one waits while an older one with its key
+        is undelivered, so a resolve never overtakes its trigger.
+        """
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT id, channel, dedup_key, payload, attempts, next_attempt_at FROM outbox "
-                "WHERE delivered_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                "SELECT id, channel, dedup_key, payload, attempts, next_attempt_at FROM outbox AS o"
+                " WHERE delivered_at IS NULL AND next_attempt_at <= ?"
+                " AND (dedup_key IS NULL OR NOT EXISTS (SELECT 1 FROM outbox AS older"
+                "  WHERE older.dedup_key = o.dedup_key AND older.channel = o.channel"
+                "  AND older.delivered_at IS NULL AND older.id < o.id))"
+                " ORDER BY id LIMIT ?",
                 (_ts(now), limit),
             ).fetchall()
         return [

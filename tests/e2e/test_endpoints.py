@@ -235,3 +235,17 @@ async def test_no_secret_reaches_metrics_health_journal_outbox_or_logs(
     for secret in secrets:
         assert len(secret) >= 16
         assert not [t for t in texts if secret in t], f"a secret leaked: {secret[:4]}..."
+
+
+async def test_a_command_no_tick_took_is_withdrawn_not_applied_later(tmp_path: Path) -> None:
+    """A command that times out before any tick takes it is withdrawn: retrying cannot double it."""
+    from coalmine.daemon import CommandFailed
+    from coalmine.engine import Command
+
+    async with harness(tmp_path) as h:
+        await h.tick()
+        with pytest.raises(CommandFailed, match="withdrawn"):
+            await h.loop.submit(Command("promote"), timeout=0.05)
+        assert h.loop._pending == []
+        await h.tick()
+        assert h.loop.state.canary_percent == 10  # the withdrawn promote never happened

@@ -182,3 +182,21 @@ def test_cli_journal_without_database_exits_2(
     assert main(["journal", "verify", "--state", str(tmp_path / "none.db")]) == 2
     assert "no state database" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
+
+
+def test_items_with_one_dedup_key_go_out_in_order(store: Store) -> None:
+    """A resolve waits while its trigger is undelivered, however their backoffs fall."""
+    key = "coalmine/api/v2/err"
+    store.commit(
+        "api", {}, [], [NewNotification("pagerduty", {"event_action": "trigger"}, key)], now=at(0)
+    )
+    (trigger,) = store.due(at(0))
+    store.failed(trigger.id, "HTTP 500", at(600))  # backing off for 10 minutes
+    store.commit(
+        "api", {}, [], [NewNotification("pagerduty", {"event_action": "resolve"}, key)], now=at(60)
+    )
+    store.commit("api", {}, [], [NewNotification("slack", {"text": "other"})], now=at(60))
+    assert [i.channel for i in store.due(at(60))] == ["slack"]  # the resolve must wait
+    assert [i.payload["event_action"] for i in store.due(at(600)) if i.dedup_key] == ["trigger"]
+    store.delivered(trigger.id, at(600))
+    assert [i.payload["event_action"] for i in store.due(at(600)) if i.dedup_key] == ["resolve"]
