@@ -11,7 +11,8 @@ no intent is ever created.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,7 +23,20 @@ from coalmine.store import Intent, NewEntry, NewIntent, Store
 TRAFFIC_ACTIONS = ("set_traffic", "promote", "rollback")
 
 
-def intent_for(decision: Decision) -> NewIntent | None:
+def intents_for(decisions: Sequence[Decision], live: LiveDeployment | None) -> list[NewIntent]:
+    """The traffic changes a tick's decisions ask for, each recording the split it starts from
+    (the live one read at the start of the tick, then the previous change's target)."""
+    out: list[NewIntent] = []
+    current = [list(v) for v in live.versions] if live is not None else None
+    for decision in decisions:
+        intent = intent_for(decision, current)
+        if intent is not None:
+            out.append(intent)
+            current = intent.body["versions"]
+    return out
+
+
+def intent_for(decision: Decision, start: list[list[Any]] | None = None) -> NewIntent | None:
     """The traffic change a decision asks for, or None (not a traffic decision, or dry run)."""
     if decision.action not in TRAFFIC_ACTIONS or decision.dry_run:
         return None
@@ -38,8 +52,26 @@ def intent_for(decision: Decision) -> NewIntent | None:
         percent = decision.canary_percent or 0
         versions = [[canary, percent], [stable, 100 - percent]]
         message = f"coalmine: canary to {percent}%"
-    body = {"versions": versions, "message": message[:50], "decided_at": decision.t.isoformat()}
+    body = {
+        "versions": versions,
+        "from": start,
+        "message": message[:50],
+        "decided_at": decision.t.isoformat(),
+    }
     return NewIntent(decision.script, decision.action, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What became of an intent: ``applied``, ``already live``, or ``superseded: ...``."""
+
+    live: LiveDeployment
+    outcome: str
+
+    @property
+    def superseded(self) -> bool:
+        """The change was dropped because the live deployment moved on without coalmine."""
+        return self.outcome.startswith("superseded")
 
 
 class Actuator:
@@ -52,13 +84,25 @@ class Actuator:
         self._store = store
         self._clock = clock
 
-    async def apply(self, intent: Intent) -> LiveDeployment:
+    async def apply(self, intent: Intent) -> Applied:
         """Make the live deployment what the intent says (once), verify, and record it."""
         versions = [(str(v), float(p)) for v, p in intent.body["versions"]]
+        start = intent.body.get("from")
         live = await self._client.current(intent.script)
         if live is not None and live.matches(versions):
             outcome = "already live"
             result = live
+        elif (
+            intent.kind != "rollback"
+            and start is not None
+            and live is not None
+            and not live.matches([(str(v), float(p)) for v, p in start])
+        ):
+            # someone changed the split since coalmine decided: do not undo their change;
+            # the engine will see the live split differ from what it set (drift) and stand down
+            outcome = "superseded: the live deployment changed by hand"
+            self._finish(intent, live, outcome)
+            return Applied(live, outcome)
         else:
             result = await self._client.deploy(
                 intent.script, versions, intent.body["message"], rollback=intent.kind == "rollback"
@@ -68,30 +112,33 @@ class Actuator:
                 got = check.versions if check else "nothing"
                 raise CloudflareError(f"deployment not live after creating it: read back {got}")
             outcome = "applied"
+        self._finish(intent, result, outcome)
+        return Applied(result, outcome)
+
+    def _finish(self, intent: Intent, live: LiveDeployment, outcome: str) -> None:
         now = self._clock()
         entry = NewEntry(
             t=now,
             script=intent.script,
             actor="coalmine",
-            action="applied",
+            action="applied" if not outcome.startswith("superseded") else "superseded",
             body={
                 "intent": intent.id,
                 "kind": intent.kind,
                 "outcome": outcome,
-                "deployment_id": result.id,
-                "versions": [[v, p] for v, p in result.versions],
+                "deployment_id": live.id,
+                "versions": [[v, p] for v, p in live.versions],
             },
         )
         self._store.finish_intent(
-            intent.id, {"deployment_id": result.id, "outcome": outcome}, now, entry
+            intent.id, {"deployment_id": live.id, "outcome": outcome}, now, entry
         )
-        return result
 
     async def reconcile(
         self, script: str | None = None
-    ) -> list[tuple[Intent, LiveDeployment | Exception]]:
+    ) -> list[tuple[Intent, Applied | Exception]]:
         """Apply every open intent (of one script, or all), oldest first; report each outcome."""
-        outcomes: list[tuple[Intent, LiveDeployment | Exception]] = []
+        outcomes: list[tuple[Intent, Applied | Exception]] = []
         for intent in self._store.open_intents():
             if script is not None and intent.script != script:
                 continue

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import structlog
 
-from coalmine.actuator import Actuator, intent_for
+from coalmine.actuator import Actuator, Applied, intent_for, intents_for
 from coalmine.cloudflare import (
     CloudflareClient,
     CloudflareError,
@@ -34,7 +34,7 @@ from coalmine.metrics import Metrics
 from coalmine.notify import Outbox, notifications
 from coalmine.policy import Policy, Rule
 from coalmine.sources import Source, Target
-from coalmine.store import NewEntry, Store
+from coalmine.store import Intent, NewEntry, NewNotification, Store
 
 log = structlog.get_logger("coalmine")
 
@@ -47,6 +47,7 @@ class CommandQueued(CoalmineError):
     """An operator command is being applied by a tick that has not finished yet."""
 
 
+STUCK_PAGE_AFTER = timedelta(minutes=2)  # page when a traffic change stays unapplied this long
 ACTIVE = (RolloutPhase.CANARY, RolloutPhase.PAUSED, RolloutPhase.PROMOTED, RolloutPhase.STOOD_DOWN)
 
 
@@ -90,6 +91,8 @@ class ScriptLoop:
         self._rules: dict[str, Rule] = {r.name: r for r in policy.rules}
         self._versions: dict[str, Version] = {}
         self._pending: list[_Pending] = []
+        self._stuck_paged = False
+        self._blocked: str | None = None
         self._wake = anyio.Event()
 
     @property
@@ -149,18 +152,11 @@ class ScriptLoop:
     async def tick(self, now: datetime) -> list[Decision]:
         """Reconcile, observe, decide, persist, act."""
         shared = self._shared
-        for intent, applied in await shared.actuator.reconcile(self.script):
-            failed = isinstance(applied, Exception)
-            shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
-            if failed:
-                log.warning(
-                    "traffic change not applied yet; holding",
-                    script=self.script,
-                    kind=intent.kind,
-                    error=str(applied),
-                )
-                return []
-        live = await shared.cloudflare.current(self.script)
+        stuck = await self._apply_pending(now)
+        # while a change is still pending the live split is in between: judging it as drift
+        # would be wrong, but rules are still evaluated, so a rollback can still be decided
+        live = None if stuck else await shared.cloudflare.current(self.script)
+        self._blocked = "a traffic change is still being applied" if stuck else None
         before = self.state
         pending, self._pending = self._pending, []
         for item in pending:
@@ -173,6 +169,70 @@ class ScriptLoop:
                     item.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                     item.done.set()
             raise
+
+    async def _apply_pending(self, now: datetime) -> bool:
+        """Apply open traffic intents; True when one is still not applied (paged after a while)."""
+        shared = self._shared
+        stuck: tuple[Intent, Exception] | None = None
+        for intent, applied in await shared.actuator.reconcile(self.script):
+            failed = isinstance(applied, Exception)
+            shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
+            if (
+                isinstance(applied, Applied)
+                and not applied.superseded
+                and intent.kind != "rollback"
+                and intent.created_at < now
+            ):
+                # decided at an earlier tick, live only now: its step counts from now
+                state = self.engine.traffic_took_effect(self.state, now).state
+                shared.store.commit(self.script, state.to_json(), [], [], now)
+                self.state = state
+            if isinstance(applied, Exception):
+                stuck = (intent, applied)
+                log.warning(
+                    "traffic change not applied yet",
+                    script=self.script,
+                    kind=intent.kind,
+                    error=str(applied),
+                )
+        if (
+            stuck is not None
+            and not self._stuck_paged
+            and now - stuck[0].created_at >= STUCK_PAGE_AFTER
+        ):
+            self._notify_stuck(now, *stuck)
+        elif stuck is None and self._stuck_paged:
+            self._notify_stuck(now)
+        return stuck is not None
+
+    def _notify_stuck(
+        self, now: datetime, intent: Intent | None = None, error: Exception | None = None
+    ) -> None:
+        """Page (critical) that a traffic change cannot be applied, or resolve that page."""
+        key = f"coalmine/{self.script}/actuator"
+        event: dict[str, Any] = {"event_action": "resolve", "dedup_key": key}
+        if intent is not None:
+            what = f"{intent.kind} ({intent.body.get('message')})"
+            event = {
+                "event_action": "trigger",
+                "dedup_key": key,
+                "payload": {
+                    "summary": f"coalmine {self.script}: cannot apply {what}: {error}"[:1024],
+                    "source": "coalmine",
+                    "severity": "critical",
+                    "component": self.script,
+                    "class": "actuator",
+                    "custom_details": {
+                        "intent": intent.id,
+                        "kind": intent.kind,
+                        "error": str(error)[:500],
+                    },
+                },
+            }
+        note = NewNotification("pagerduty", event, key)
+        self._shared.store.commit(self.script, self.state.to_json(), [], [note], now)
+        self._stuck_paged = intent is not None
+        self._shared.outbox.wake()
 
     async def _decide(
         self,
@@ -192,11 +252,11 @@ class ScriptLoop:
             state, item.decisions = outcome.state, outcome.decisions
             decisions += outcome.decisions
         observations = await self._observe(state, now) if state.phase in ACTIVE else []
-        outcome = self.engine.tick(state, now, observations)
+        outcome = self.engine.tick(state, now, observations, blocked=self._blocked)
         state, decisions = outcome.state, decisions + outcome.decisions
         with anyio.CancelScope(shield=True), anyio.move_on_after(60):
             # a stop (SIGTERM) lets the tick's write and traffic change finish
-            return await self._record_and_act(before, state, decisions, pending, now)
+            return await self._record_and_act(before, state, decisions, pending, now, live)
         return decisions
 
     async def _record_and_act(
@@ -206,9 +266,10 @@ class ScriptLoop:
         decisions: list[Decision],
         pending: list[_Pending],
         now: datetime,
+        live: LiveDeployment | None,
     ) -> list[Decision]:
         shared = self._shared
-        self._persist(before, state, decisions, now)
+        self._persist(before, state, decisions, now, live)
         for item in pending:
             item.done.set()
         if decisions:
@@ -219,7 +280,7 @@ class ScriptLoop:
                     d.reason, script=self.script, action=d.action, rule=d.rule, canary=d.canary
                 )
         shared.metrics.record(state, self.engine.rules, decisions)
-        if any(intent_for(d) for d in decisions):
+        if any(intent_for(d) for d in decisions):  # apply now, not at the next tick
             for intent, result in await shared.actuator.reconcile(self.script):
                 failed = isinstance(result, Exception)
                 shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
@@ -238,9 +299,10 @@ class ScriptLoop:
         state: RolloutState,
         decisions: Sequence[Decision],
         now: datetime,
+        live: LiveDeployment | None,
     ) -> None:
         entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
-        intents = [i for i in (intent_for(d) for d in decisions) if i is not None]
+        intents = intents_for(decisions, live)
         self._shared.store.commit(
             self.script, state.to_json(), entries, notifications(decisions, before), now, intents
         )

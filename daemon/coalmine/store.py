@@ -300,6 +300,12 @@ class Store:
 
     @staticmethod
     def _insert_intent(db: sqlite3.Connection, intent: NewIntent, recorded: str) -> int:
+        if intent.kind == "rollback":  # a rollback overtakes every change still pending
+            db.execute(
+                "UPDATE intents SET finished_at = ?, result = ?"
+                " WHERE script = ? AND finished_at IS NULL",
+                (recorded, _canonical({"outcome": "superseded by a rollback"}), intent.script),
+            )
         cursor = db.execute(
             "INSERT INTO intents (script, kind, body, created_at) VALUES (?, ?, ?, ?)",
             (intent.script, intent.kind, _canonical(intent.body), recorded),

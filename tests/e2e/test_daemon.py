@@ -141,7 +141,7 @@ async def test_intent_left_open_by_a_crash_is_applied_once_on_restart(tmp_path: 
         settings = h.daemon.settings
         async with open_daemon(settings, prepare(settings), clock=h.clock) as again:
             outcomes = await again.shared.actuator.reconcile("api")
-            assert [type(o).__name__ for _, o in outcomes] == ["LiveDeployment"]
+            assert [type(o).__name__ for _, o in outcomes] == ["Applied"]
             assert again.loops["api"].state.canary_percent == 50
             assert again.store.open_intents() == []
         ok_posts = [
@@ -297,3 +297,52 @@ async def test_locked_database_skips_the_tick_reports_degraded_and_loses_nothing
         assert h.daemon.health.status == "healthy"
         assert h.daemon.store.verify_journal().ok
         assert [e.action for e in h.daemon.store.journal()][:2] == ["start", "set_traffic"]
+
+
+async def test_a_change_cloudflare_keeps_refusing_does_not_stop_a_rollback(tmp_path: Path) -> None:
+    """The 50% step is refused for good: rules still run, the actuator failure pages, and a
+    fault still rolls the canary back (the rollback overtakes the stuck change)."""
+    refuse = {
+        "success": False,
+        "errors": [{"code": 10021, "message": "validation"}],
+        "messages": [],
+        "result": None,
+    }
+    async with harness(tmp_path) as h:
+        h.sim.cloudflare.inject(
+            method="POST", path="*/deployments", status=400, body=refuse, times=None
+        )
+        await h.run_until(lambda h: h.loop.state.canary_percent == 50, timedelta(minutes=20))
+        for _ in range(6):
+            await h.tick()
+        assert [p["dedup_key"] for p in h.sim.pages] == ["coalmine/api/actuator"]
+        h.sim.cloudflare.faults.clear()
+        h.sim.schedule_fault("api", h.canary, start=h.clock(), exception_rate=0.5)
+        await h.run_until(lambda h: h.phase is P.ROLLED_BACK, timedelta(minutes=15))
+        await h.tick()
+        assert h.sim.cloudflare.current("api").split == {h.stable: 100}
+        posted = [p["versions"] for p in h.sim.deployment_posts("api")]  # type: ignore[index]
+        assert posted[-1] == [{"version_id": h.stable, "percentage": 100}]
+        assert [
+            {"version_id": h.canary, "percentage": 50},
+            {"version_id": h.stable, "percentage": 50},
+        ] not in posted[-1:]
+        assert h.daemon.store.open_intents() == []
+        assert h.sim.pagerduty.alert("coalmine/api/actuator").status == "resolved"  # type: ignore[union-attr]
+
+
+async def test_a_pending_change_never_undoes_a_manual_rollback(tmp_path: Path) -> None:
+    """Cloudflare is down while the 50% step is pending; an SRE rolls back by hand; when the API
+    returns, coalmine does not re-apply 50% over them: it stands down and warns."""
+    async with harness(tmp_path) as h:
+        h.sim.cloudflare.inject(method="POST", path="*/deployments", status=503, times=None)
+        await h.run_until(lambda h: h.loop.state.canary_percent == 50, timedelta(minutes=20))
+        h.sim.deploy_by_hand("api", {h.stable: 100})
+        h.sim.cloudflare.faults.clear()
+        for _ in range(4):
+            await h.tick()
+        assert h.sim.cloudflare.current("api").split == {h.stable: 100}
+        assert h.daemon.store.open_intents() == []
+        assert [e.action for e in h.daemon.store.journal()].count("superseded") == 1
+        assert h.phase is P.STOOD_DOWN
+        assert h.actions().count("warn") == 1

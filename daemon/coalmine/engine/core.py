@@ -155,9 +155,18 @@ class Engine:
         return run.done()
 
     def tick(
-        self, state: RolloutState, now: datetime, observations: Iterable[Observation]
+        self,
+        state: RolloutState,
+        now: datetime,
+        observations: Iterable[Observation],
+        *,
+        blocked: str | None = None,
     ) -> Outcome:
-        """Evaluate every active rule on this tick's observations and act on the result."""
+        """Evaluate every active rule on this tick's observations and act on the result.
+
+        ``blocked``: the shell's reason advancing must wait (a traffic change still being
+        applied); rules are judged and rollbacks still happen.
+        """
         run = _Run(state, now, self.options.dry_run, "coalmine")
         s = run.s
         s.last_tick = now
@@ -176,7 +185,20 @@ class Engine:
         if trips:
             self._rollback_trips(run, trips)
         if s.phase in (P.CANARY, P.PAUSED):
-            self._consider_advancing(run)
+            self._consider_advancing(run, blocked)
+        return run.done()
+
+    def traffic_took_effect(self, state: RolloutState, now: datetime) -> Outcome:
+        """A traffic change coalmine decided earlier was only applied now (the API refused it
+        for a while): the step's hold, the warm-up and the watch count from now."""
+        run = _Run(state, now, self.options.dry_run, "coalmine")
+        s = run.s
+        if s.phase in (P.CANARY, P.PAUSED, P.PROMOTED):
+            s.step_started_at = now
+            s.warmup_until = now + self._warmup
+            s.rules = {name: track.cleared() for name, track in s.rules.items()}
+            if s.phase is P.PROMOTED:
+                s.promoted_at = now
         return run.done()
 
     # ---- judging --------------------------------------------------------------------------
@@ -297,12 +319,14 @@ class Engine:
 
     # ---- moving traffic -------------------------------------------------------------------
 
-    def _consider_advancing(self, run: _Run) -> None:
+    def _consider_advancing(self, run: _Run, blocked: str | None = None) -> None:
         s = run.s
         assert s.step_started_at is not None
         if run.now < s.step_started_at + self._holds[s.step]:
             return
         blockers = self._blockers(run)
+        if blocked is not None:
+            blockers.append(_Blocker("shell", blocked))
         if not blockers:
             self._advance(run, "hold elapsed, every gate passing")
             return
