@@ -40,7 +40,7 @@ from coalmine.settings import Settings
 from coalmine.sources import Source
 from coalmine.sources.cloudflare import CloudflareAnalytics
 from coalmine.sources.prometheus import PrometheusSource
-from coalmine.store import Store
+from coalmine.store import Store, Verification, verify_file
 
 log = structlog.get_logger("coalmine")
 JOURNAL_CHECK_EVERY = 3600.0  # seconds between hash-chain checks of the journal
@@ -165,6 +165,9 @@ class Daemon:
         except StoreError as exc:
             log.error("journal could not be read for verification", error=str(exc))
             return False
+        return self._export_verification(result)
+
+    def _export_verification(self, result: Verification) -> bool:
         self.metrics.journal_verified.set(1 if result.ok else 0)
         self.metrics.journal_entries.set(result.entries)
         if not result.ok:
@@ -174,9 +177,14 @@ class Daemon:
         return result.ok
 
     async def verify_journal_every(self, seconds: float) -> None:
-        """Verify the journal at start-up and then every ``seconds``."""
+        """Verify the journal at start-up and then every ``seconds``, off the event loop."""
         while True:
-            self.verify_journal()
+            try:
+                result = await anyio.to_thread.run_sync(verify_file, self.store.path)
+            except StoreError as exc:
+                log.error("journal could not be read for verification", error=str(exc))
+            else:
+                self._export_verification(result)
             await anyio.sleep(seconds)
 
 

@@ -217,7 +217,16 @@ class CloudflareClient:
     async def _request(self, method: str, url: str, *, kind: Kind, **kwargs: Any) -> Any:
         async def attempt() -> Any:
             await self._limiter.take(kind)
-            return await self._attempt(method, url, **kwargs)
+            try:
+                return await self._attempt(method, url, **kwargs)
+            except Retryable as exc:
+                if method == "POST" and kind != "read" and exc.sent:
+                    # a write the server may have applied: never repeat it blind; the actuator
+                    # reads the live deployment before trying again
+                    raise CloudflareError(
+                        f"{method} {_path(url)}: {exc.reason} (not retried)"
+                    ) from None
+                raise
 
         try:
             return await with_retries(attempt, self._retry, rng=self._rng, sleep=self._sleep)
@@ -231,12 +240,14 @@ class CloudflareClient:
             response = await self._http.request(
                 method, url, headers=self._headers, timeout=self._timeout, **kwargs
             )
-        except httpx.TimeoutException:
+        except httpx.TimeoutException as exc:
             error = "timeout"
-            raise Retryable(f"timeout after {self._timeout:g}s") from None
+            sent = not isinstance(exc, httpx.ConnectTimeout)
+            raise Retryable(f"timeout after {self._timeout:g}s", sent=sent) from None
         except httpx.TransportError as exc:
             error = "connection"
-            raise Retryable(f"connection error: {type(exc).__name__}") from None
+            sent = not isinstance(exc, httpx.ConnectError)
+            raise Retryable(f"connection error: {type(exc).__name__}", sent=sent) from None
         except httpx.HTTPError as exc:  # decoding, redirects: a bad answer
             error = "bad_answer"
             raise CloudflareError(
@@ -259,7 +270,7 @@ class CloudflareClient:
         if status == 429:
             after = _seconds(response.headers.get("retry-after"), default=60.0)
             self._limiter.block(after)  # the next attempt's take() waits it out, for every call
-            raise Retryable(f"rate limited (429, retry-after {after:g}s)", after=0.0)
+            raise Retryable(f"rate limited (429, retry-after {after:g}s)", after=0.0, sent=False)
         if status >= 500:
             raise Retryable(f"HTTP {status}" + _codes_text(body))
         if body is None:

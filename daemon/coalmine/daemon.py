@@ -102,22 +102,25 @@ class ScriptLoop:
         return self.policy.analysis.interval if active else self._shared.discovery_interval
 
     async def run(self) -> None:
-        """Tick forever on schedule; a failed tick is logged and the next one comes."""
-        clock = self._shared.clock
-        due = clock()
+        """Tick forever on schedule; a failed tick is logged and the next one comes.
+
+        The schedule runs on the monotonic clock (a wall-clock step cannot stall it); ``now``
+        handed to the engine is the wall clock.
+        """
+        due = anyio.current_time()
         while True:
-            now = clock()
-            self._shared.metrics.tick_lateness.observe(max(0.0, (now - due).total_seconds()))
-            await self.tick_safely(now)
-            step = self.interval
+            lateness = anyio.current_time() - due
+            self._shared.metrics.tick_lateness.observe(max(0.0, lateness))
+            await self.tick_safely(self._shared.clock())
+            step = self.interval.total_seconds()
             due += step
-            while due <= clock():  # coalesce missed ticks
+            while due <= anyio.current_time():  # coalesce missed ticks
                 due += step
-            with anyio.move_on_after((due - clock()).total_seconds()):
+            with anyio.move_on_after(due - anyio.current_time()):
                 await self._wake.wait()
             if self._wake.is_set():
                 self._wake = anyio.Event()
-                due = clock()
+                due = anyio.current_time()
 
     async def submit(self, command: Command, timeout: float = 30.0) -> list[Decision]:
         """Queue an operator command, wake the loop, and return its decisions once applied."""

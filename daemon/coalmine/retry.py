@@ -15,10 +15,11 @@ T = TypeVar("T")
 class Retryable(Exception):
     """Raised by a call to ask for another attempt; ``after`` honours a server's retry-after."""
 
-    def __init__(self, reason: str, after: float | None = None) -> None:
+    def __init__(self, reason: str, after: float | None = None, *, sent: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
         self.after = after
+        self.sent = sent  # the server may have acted on the request (a timeout, a 5xx)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -214,7 +214,7 @@ class Store:
         self.path = str(path)
         try:
             self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=5.0
+                self.path, isolation_level=None, check_same_thread=False, timeout=2.0
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -362,36 +362,7 @@ class Store:
 
     def verify_journal(self) -> Verification:
         """Recompute the hash chain; report the first entry that does not match."""
-        prev, count = GENESIS, 0
-        for entry in self.journal():
-            count += 1
-            if entry.seq != count:
-                return Verification(
-                    False, count - 1, prev, f"entry {count} is missing (found seq {entry.seq})"
-                )
-            if entry.prev_hash != prev:
-                return Verification(
-                    False,
-                    count - 1,
-                    prev,
-                    f"entry {entry.seq}: prev_hash does not match entry {entry.seq - 1}",
-                )
-            expected = entry_hash(
-                prev,
-                entry.seq,
-                entry.t,
-                entry.recorded_at,
-                entry.script,
-                entry.actor,
-                entry.action,
-                entry.body,
-            )
-            if entry.hash != expected:
-                return Verification(
-                    False, count - 1, prev, f"entry {entry.seq}: content does not match its hash"
-                )
-            prev = entry.hash
-        return Verification(True, count, prev)
+        return verify_entries(self.journal())
 
     # ---- intents -----------------------------------------------------------------------------
 
@@ -470,3 +441,59 @@ class Store:
             return int(
                 db.execute("SELECT count(*) FROM outbox WHERE delivered_at IS NULL").fetchone()[0]
             )
+
+
+def verify_file(path: str | Path) -> Verification:
+    """Verify a database's journal over its own read-only connection (safe in a thread)."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open state database {path}: {exc}") from None
+    try:
+        rows = db.execute(
+            "SELECT seq, t, recorded_at, script, actor, action, body, prev_hash, hash"
+            " FROM journal ORDER BY seq"
+        )
+        entries = (
+            JournalEntry(seq, t, rec, script, actor, action, json.loads(body), prev, digest)
+            for seq, t, rec, script, actor, action, body, prev, digest in rows
+        )
+        return verify_entries(entries)
+    except sqlite3.Error as exc:
+        raise StoreError(f"state database {path}: {exc}") from None
+    finally:
+        db.close()
+
+
+def verify_entries(entries: Iterable[JournalEntry]) -> Verification:
+    """Recompute a journal's hash chain; report the first entry that does not match."""
+    prev, count = GENESIS, 0
+    for entry in entries:
+        count += 1
+        if entry.seq != count:
+            return Verification(
+                False, count - 1, prev, f"entry {count} is missing (found seq {entry.seq})"
+            )
+        if entry.prev_hash != prev:
+            return Verification(
+                False,
+                count - 1,
+                prev,
+                f"entry {entry.seq}: prev_hash does not match entry {entry.seq - 1}",
+            )
+        expected = entry_hash(
+            prev,
+            entry.seq,
+            entry.t,
+            entry.recorded_at,
+            entry.script,
+            entry.actor,
+            entry.action,
+            entry.body,
+        )
+        if entry.hash != expected:
+            return Verification(
+                False, count - 1, prev, f"entry {entry.seq}: content does not match its hash"
+            )
+        prev = entry.hash
+    return Verification(True, count, prev)

@@ -6,7 +6,8 @@ is made and a status line every minute, and exits when the verdict is in:
 
 - 0: promoted (the canary reached 100%);
 - 1: rolled back;
-- 3: no verdict in time (still holding: inconclusive data, a closed window, a breaching gate).
+- 3: no verdict in time (still holding: inconclusive data, a closed window, a breaching gate),
+  or the verdict's traffic change could not be applied.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from coalmine.errors import ConfigError
 from coalmine.policy import Policy
 from coalmine.replay import format_table
 from coalmine.settings import Settings
+from coalmine.store import Store
 
 PROMOTED, ROLLED_BACK, NO_VERDICT = 0, 1, 3
 STATUS_EVERY = 60.0
+APPLY_WAIT = 120.0  # seconds to wait for the verdict's traffic change to be live
 
 
 def default_duration(policy: Policy) -> timedelta:
@@ -71,6 +74,9 @@ async def validate(
                         last_status = anyio.current_time()
                         print(_status(loop.describe()), file=out, flush=True)
                     await anyio.sleep(0.2)
+            if verdict != NO_VERDICT and not await _landed(daemon.store, script, APPLY_WAIT):
+                print("the verdict's traffic change could not be applied", file=out, flush=True)
+                verdict = NO_VERDICT
             with anyio.move_on_after(10):  # last notifications out before leaving
                 await daemon.outbox.deliver_due()
             tg.cancel_scope.cancel()
@@ -81,6 +87,15 @@ async def validate(
     }
     print(f"verdict: {word[verdict]}", file=out, flush=True)
     return verdict
+
+
+async def _landed(store: Store, script: str, seconds: float) -> bool:
+    """Wait until no traffic change of the script is pending (the verdict is live)."""
+    with anyio.move_on_after(seconds):
+        while any(i.script == script for i in store.open_intents()):
+            await anyio.sleep(0.2)
+        return True
+    return False
 
 
 def _verdict(decisions: list[Decision]) -> int:

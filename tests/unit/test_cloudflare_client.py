@@ -206,3 +206,29 @@ def test_unknown_versions_fall_back_to_the_smaller_share() -> None:
     """Without version numbers, the smaller share is the canary; shares round to whole percents."""
     live = LiveDeployment("d", "", (("a", 99.5), ("b", 0.5)))
     assert to_engine(live, {}) == Deployment("a", "b", 1)
+
+
+async def test_a_write_the_server_may_have_applied_is_not_repeated_blind() -> None:
+    """A deployment POST answered 503 is not retried in the call (the actuator re-reads first)."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        return httpx.Response(503, text="upstream")
+
+    with pytest.raises(CloudflareError, match="not retried"):
+        await call(handler, lambda c: c.deploy("api", [("v2", 50), ("v1", 50)], "m"))
+    assert calls == ["POST"]
+
+
+async def test_a_refused_connection_on_a_write_is_retried() -> None:
+    """A connection refused before sending is safe to retry, even for a write."""
+    answers = iter(["refuse", "ok"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if next(answers) == "refuse":
+            raise httpx.ConnectError("refused", request=request)
+        return ok(DEPLOYMENT)
+
+    result, _ = await call(handler, lambda c: c.deploy("api", [("v2", 10), ("v1", 90)], "m"))
+    assert result.id == "d1"
