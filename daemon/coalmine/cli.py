@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import anyio
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     gate.add_argument("--script", required=True, help="the Worker script")
     gate.add_argument(
-        "--duration", type=parse_duration, help="give up after (default: the holds + 5m)"
+        "--duration", type=_duration, help="give up after (default: the holds + 5m)"
     )
     gate.set_defaults(handler=_validate)
 
@@ -118,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--offline", action="store_true", help="the engine on a virtual clock only")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _check_policy(args: argparse.Namespace) -> int:

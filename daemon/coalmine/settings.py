@@ -207,4 +207,9 @@ def reference() -> str:
             shown = f"`{default}`"
         secret = " (secret)" if "SecretStr" in str(field.annotation) else ""
         lines.append(f"| `{env_name(name)}` | {shown} | {field.description}{secret} |")
+    lines += [
+        "",
+        "One more variable is read by the command line only: `COALMINE_DEBUG=1` makes an",
+        "internal error (a bug, exit 70) print its Python traceback instead of one line.",
+    ]
     return "\n".join(lines) + "\n"
