@@ -92,9 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Drive one script's canary to a verdict in the foreground.",
     )
     gate.add_argument("--script", required=True, help="the Worker script")
-    gate.add_argument(
-        "--duration", type=_duration, help="give up after (default: the holds + 5m)"
-    )
+    gate.add_argument("--duration", type=_duration, help="give up after (default: the holds + 5m)")
     gate.set_defaults(handler=_validate)
 
     journal = commands.add_parser("journal", help="check or export the decision journal")
