@@ -9,23 +9,19 @@ import re
 import shutil
 import subprocess
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import anyio
-import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from coalmine.engine import RolloutPhase
-from coalmine.httpserver import serve
 from coalmine.simulator import Behaviour
-from tests.e2e.harness import Harness, harness
+from tests.e2e.harness import harness, served
 from tests.support import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "coalmine-dashboard.json"
@@ -332,18 +328,6 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
 
 
 # ---- Against a running coalmine ---------------------------------------------------------
-
-
-@asynccontextmanager
-async def served(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
-    """The daemon's HTTP endpoints on a free loopback port, and a client for them."""
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(
-            lambda task_status: serve(h.daemon.api, "127.0.0.1", 0, task_status=task_status)
-        )
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            yield client
-        tg.cancel_scope.cancel()
 
 
 @dataclass

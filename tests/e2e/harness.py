@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 
 from coalmine.app import Daemon, open_daemon, prepare
 from coalmine.engine import Decision, RolloutPhase
+from coalmine.httpserver import serve
 from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, Simulator, VirtualClock
 
@@ -141,3 +143,15 @@ async def harness(
             if start_canary:
                 sim.start_canary("api", canary_id, percent=10)
             yield Harness(sim, clock, daemon, stable, canary_id, [])
+
+
+@asynccontextmanager
+async def served(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
+    """The daemon's HTTP endpoints on a free loopback port, and a client for them."""
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            lambda task_status: serve(h.daemon.api, "127.0.0.1", 0, task_status=task_status)
+        )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            yield client
+        tg.cancel_scope.cancel()

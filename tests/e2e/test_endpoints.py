@@ -5,30 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
-from coalmine.httpserver import serve
-from tests.e2e.harness import ADMIN_TOKEN, Harness, harness
+from tests.e2e.harness import ADMIN_TOKEN, harness, served
 
 pytestmark = pytest.mark.anyio
-
-
-@asynccontextmanager
-async def served(h: Harness) -> AsyncIterator[httpx.AsyncClient]:
-    """The daemon's API on a free loopback port, and a client for it."""
-    async with anyio.create_task_group() as tg:
-        port = await tg.start(
-            lambda task_status: serve(h.daemon.api, "127.0.0.1", 0, task_status=task_status)
-        )
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            yield client
-        tg.cancel_scope.cancel()
 
 
 async def test_metrics_carry_values_and_pass_promtool(tmp_path: Path) -> None:

@@ -83,17 +83,18 @@ async def get_json(env: dict[str, str], path: str) -> dict[str, object] | None:
         return None
 
 
+async def at_percent(env: dict[str, str], percent: int) -> bool:
+    """Whether the daemon reports the canary at ``percent``."""
+    rollout = await get_json(env, "/api/v1/rollouts/api")
+    return rollout is not None and rollout["canary_percent"] == percent
+
+
 async def test_run_serves_endpoints_takes_commands_and_stops_on_sigterm(tmp_path: Path) -> None:
     """The process gets ready, advances the canary, obeys `coalmine pause`, exits 0 on SIGTERM."""
     async with simulated(tmp_path) as (_, env):
         process = start(env, tmp_path / "run.log")
         try:
-
-            async def at_50() -> bool:
-                rollout = await get_json(env, "/api/v1/rollouts/api")
-                return rollout is not None and rollout["canary_percent"] == 50
-
-            await wait_for(at_50)
+            await wait_for(lambda: at_percent(env, 50))
             async with httpx.AsyncClient() as client:
                 assert (await client.get(url(env) + "/readyz")).status_code == 200
                 metrics = (await client.get(url(env) + "/metrics")).text
@@ -132,19 +133,14 @@ async def test_sigkill_mid_canary_resumes_at_the_same_step(tmp_path: Path) -> No
     async with simulated(tmp_path) as (sim, env):
         process = start(env, tmp_path / "run.log")
         try:
-
-            async def at_50() -> bool:
-                rollout = await get_json(env, "/api/v1/rollouts/api")
-                return rollout is not None and rollout["canary_percent"] == 50
-
-            await wait_for(at_50)
+            await wait_for(lambda: at_percent(env, 50))
         finally:
             process.kill()
             await anyio.to_thread.run_sync(process.wait)
         posts_before = list(sim.deployment_posts("api"))
         process = start(env, tmp_path / "run.log")
         try:
-            await wait_for(at_50)
+            await wait_for(lambda: at_percent(env, 50))
 
             async def ticked_again() -> bool:
                 health = await get_json(env, "/health")

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from coalmine.localprom import free_port, wait_until_ready
 
 Series = tuple[str, dict[str, str], float]
 """A metric name, its labels, and how much it increases per second (a linear counter)."""
@@ -32,13 +31,6 @@ def binaries() -> tuple[str, str]:
     if os.environ.get("COALMINE_REQUIRE_PROMETHEUS") == "1":
         pytest.fail(message)
     pytest.skip(message)
-
-
-def free_port() -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def openmetrics(series: Iterable[Series], start: int, end: int, step: int = 15) -> str:
@@ -61,21 +53,6 @@ class RunningPrometheus:
 
     url: str
     process: subprocess.Popen[bytes]
-
-
-def wait_until_ready(url: str, process: subprocess.Popen[bytes], deadline: float = 30.0) -> None:
-    """Poll /-/ready until 200, the process exits, or the deadline passes."""
-    give_up = time.monotonic() + deadline
-    while time.monotonic() < give_up:
-        if process.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # polling a condition, with a deadline
-    raise TimeoutError(f"prometheus at {url} not ready after {deadline}s")
 
 
 @contextmanager
