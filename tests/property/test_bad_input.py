@@ -212,18 +212,19 @@ def mutated_policies(draw: st.DrawFn) -> str:
         if how == "field" and names:  # a field name first, so that rare fields come up too
             name = draw(st.sampled_from(names))
             path = draw(st.sampled_from([p for p in paths if p[-1] == name]))
-            _parent(doc, path)[name] = draw(FIELD_VALUES[name])
+            _parent(doc, path)[name] = copy.deepcopy(draw(FIELD_VALUES[name]))
             continue
         path = draw(st.sampled_from(paths))
         parent, key = _parent(doc, path), path[-1]
         if how == "delete":
             del parent[key]
+        # drawn values are copied: a later mutation must not change what hypothesis generated
         elif how == "replace":
-            parent[key] = draw(VALUES)
+            parent[key] = copy.deepcopy(draw(VALUES))
         elif isinstance(parent, dict):
-            parent[draw(st.one_of(ODD_KEYS, KEYS))] = draw(VALUES)
+            parent[draw(st.one_of(ODD_KEYS, KEYS))] = copy.deepcopy(draw(VALUES))
         else:
-            parent.append(draw(VALUES))
+            parent.append(copy.deepcopy(draw(VALUES)))
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
 
 
