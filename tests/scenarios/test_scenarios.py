@@ -83,7 +83,6 @@ def test_nan_storm_holds_and_pages_never_promotes(capsys: pytest.CaptureFixture[
         "error_rate",
         "latency_p99",
         "latency_p50_gate",
-        "worker_exceptions",
     }
     assert all(
         p["severity"] == "warning" and p["dedup_key"].endswith("/inconclusive") for p in pages
