@@ -53,7 +53,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +65,7 @@ from coalmine.engine import Deployment, Engine, Observation, Options
 from coalmine.engine.model import Role
 from coalmine.policy import Policy, Rule
 from coalmine.policyfile import load_policy
+from machine import code_version, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOK = ROOT / "policies" / "runbook.yaml"
@@ -762,35 +762,6 @@ def detail(corpus: list[Canary], results: dict[str, list[Result]]) -> None:
             print(f"      {name + ':':<15} {r.action} at {_when(r.t)}{why}")
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine()
-
-
-def code_version() -> str:
-    git = ["git", "-C", str(ROOT)]
-    try:
-        commit = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "daemon/coalmine", "policies"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"{commit} + uncommitted changes in daemon/ or policies/" if dirty else commit
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seed", type=int, default=1, help="corpus seed (1)")
@@ -811,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     print("coalmine head-to-head: coalmine vs Flagger vs Argo Rollouts")
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}")
     print(f"date:    {datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"code:    {code_version()}")
+    print(f"code:    {code_version('daemon/coalmine', 'policies')}")
     rules = ", ".join(r.name for r in setup.rules)
     bad = sum(c.bad for c in corpus)
     healthy = len(corpus) - bad

@@ -65,6 +65,7 @@ from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, LoggedRequest, RateLimits, Simulator
 from coalmine.sources import Target
 from coalmine.sources.promql import BadAnswer, render, single_value
+from machine import code_version, cpu_model, load
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -849,39 +850,6 @@ def pin_to_one_core() -> int | None:
     except (AttributeError, OSError):
         return None
     return core
-
-
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "model name" and value.strip():
-            return value.strip()
-    return platform.processor() or platform.machine()
-
-
-def code_version() -> str:
-    git = ["git", "-C", str(ROOT)]
-    try:
-        commit = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "daemon/coalmine"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"{commit} + uncommitted changes in daemon/coalmine" if dirty else commit
-
-
-def load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def print_machine(pinning: str) -> None:

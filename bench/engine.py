@@ -38,7 +38,6 @@ import platform
 import pstats
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -53,6 +52,7 @@ from coalmine.engine.model import Decision, Role, encode_float, format_time
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policy
 from coalmine.replay import parse_records, replay
+from machine import code_version, cpu_model, load
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOK = ROOT / "policies" / "runbook.yaml"
@@ -324,19 +324,6 @@ def _idle_ticks() -> dict[int, int]:
     return idle
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    for key in ("model name", "Hardware", "cpu model", "Processor"):
-        for line in text.splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == key and value.strip():
-                return value.strip()
-    return platform.processor() or platform.machine()
-
-
 def timed_in_rounds(
     workloads: list[Callable[[], object]], repeats: int
 ) -> list[tuple[list[int], list[int]]]:
@@ -409,31 +396,9 @@ def print_table(results: list[Result]) -> None:
             print(f"  {r.name}: {r.note}")
 
 
-def code_version() -> str:
-    """The commit measured, marked when the engine has uncommitted changes."""
-    git = ["git", "-C", str(ROOT)]
-    try:
-        commit = subprocess.run(
-            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--", "daemon/coalmine"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return f"{commit} + uncommitted changes in daemon/coalmine" if dirty else commit
-
-
-def _load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def print_machine(core: int | None) -> None:
     pinned = f"pinned to core {core}" if core is not None else "not pinned"
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({pinned}), load average {_load()}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({pinned}), load average {load()}")
     print(
         f"python:  {platform.python_implementation()} {platform.python_version()} "
         f"on {platform.system()} {platform.release()} ({platform.machine()})"
@@ -553,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"policy:  {shown}")
     print()
     print_table(run_benchmarks(policy, args.repeats))
-    print(f"load average after: {_load()}")
+    print(f"load average after: {load()}")
     return 0
 
 
