@@ -27,7 +27,16 @@ from coalmine.cloudflare import (
     Version,
     to_engine,
 )
-from coalmine.engine import Command, Decision, Engine, Observation, RolloutPhase, RolloutState
+from coalmine.engine import (
+    Command,
+    Decision,
+    Engine,
+    Observation,
+    RolloutPhase,
+    RolloutState,
+    RuleTrack,
+)
+from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
 from coalmine.health import Health
 from coalmine.metrics import Metrics
@@ -360,6 +369,7 @@ class ScriptLoop:
                 "breaching": t.breaching,
                 "breached_since": t.breached_since.isoformat() if t.breached_since else None,
                 "detail": t.detail,
+                **_compare_fields(t),
             }
             for name, t in s.rules.items()
         }
@@ -375,6 +385,24 @@ class ScriptLoop:
             "rules": rules,
             "recent_decisions": [d.to_dict() for d in self.recent[-20:]],
         }
+
+
+def _compare_fields(track: RuleTrack) -> dict[str, Any]:
+    """A compare rule's interval and counts, for the admin API (nothing for other rules)."""
+    ev = track.evidence
+    if track.interval_low is None or track.interval_high is None:
+        return {}
+    return {
+        "interval": [encode_float(track.interval_low), encode_float(track.interval_high)],
+        "counts": None
+        if ev is None
+        else {
+            "canary_events": ev.canary_events,
+            "canary_samples": ev.canary_samples,
+            "stable_events": ev.stable_events,
+            "stable_samples": ev.stable_samples,
+        },
+    }
 
 
 Sleep = Callable[[float], Awaitable[None]]

@@ -66,6 +66,17 @@ rules:
     above: 0.02
     for: 20s
     on_breach: rollback
+  - name: errors_vs_stable
+    description: the canary's 5xx rate against the stable version's, side by side (a shared
+      incident hitting both versions does not trip it); see docs/statistics.md
+    source: prometheus
+    events: >-
+      sum(increase(http_requests_total{script="$script",version="$version",code=~"5.."}[$window])) or vector(0)
+    samples: sum(increase(http_requests_total{script="$script",version="$version"}[$window]))
+    window: 5s
+    min_samples: 50
+    compare: {max_ratio: 1.5, confidence: 0.99}
+    on_breach: rollback
   - name: latency_p99
     description: P99 request latency, seconds
     source: prometheus

@@ -42,7 +42,8 @@ class Metrics:
         )
         self.rule_value = Gauge(
             "coalmine_rule_value",
-            "A rule's latest value per version (NaN when none).",
+            "A rule's latest value per version (NaN when none); for a compare rule, "
+            "the canary/stable rate ratio (canary) and the stable's event rate (stable).",
             ["script", "rule", "version"],
             registry=registry,
         )
@@ -53,6 +54,13 @@ class Metrics:
             "coalmine_rule_samples",
             "Requests behind the canary's latest value.",
             ["script", "rule"],
+            registry=registry,
+        )
+        self.rule_interval = Gauge(
+            "coalmine_rule_ratio_bound",
+            "A compare rule's confidence bounds on the canary/stable rate ratio "
+            "(bound low or high; +Inf when unbounded).",
+            ["script", "rule", "bound"],
             registry=registry,
         )
         self.rule_breaching = Gauge(
@@ -155,6 +163,11 @@ class Metrics:
             self.rule_value.labels(script, rule.name, "canary").set(_value(track.value))
             self.rule_value.labels(script, rule.name, "stable").set(_value(track.stable_value))
             self.rule_samples.labels(script, rule.name).set(_value(track.samples))
+            if rule.compares:
+                self.rule_interval.labels(script, rule.name, "low").set(_value(track.interval_low))
+                self.rule_interval.labels(script, rule.name, "high").set(
+                    _value(track.interval_high)
+                )
             self.rule_breaching.labels(script, rule.name).set(1 if track.breaching else 0)
             self.rule_inconclusive.labels(script, rule.name).set(
                 1 if track.status is RuleStatus.INCONCLUSIVE else 0

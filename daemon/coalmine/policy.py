@@ -166,6 +166,24 @@ class DeploymentWindows(_Model):
         return ZoneInfo(self.timezone)
 
 
+class Compare(_Model):
+    """Judge the canary against the stable version it runs beside, not against a constant."""
+
+    max_ratio: Number = Field(
+        gt=0,
+        description="Breaching when the canary's event rate is, with `confidence`, more than "
+        "this many times the stable's (1.5: half as many events again).",
+    )
+    confidence: float = Field(
+        default=0.99,
+        ge=0.5,
+        lt=1,
+        allow_inf_nan=False,
+        description="How sure the test must be before it calls the canary worse; "
+        "1 - confidence bounds the false-alarm rate over the whole step, however often it checks.",
+    )
+
+
 def _canary_only() -> list[Phase]:
     return ["canary"]
 
@@ -185,6 +203,16 @@ class Rule(_Model):
     )
     samples: str | None = Field(
         default=None, description="PromQL giving the request count behind the value."
+    )
+    events: str | None = Field(
+        default=None,
+        description="PromQL counting the events (errors, slow requests) among `samples` "
+        "(compare rules with a prometheus or grafana source).",
+    )
+    compare: Compare | None = Field(
+        default=None,
+        description="Judge the canary's event rate against the stable's instead of "
+        "`above`/`below` (see docs/statistics.md).",
     )
     signal: CloudflareSignal | None = Field(
         default=None, description="Built-in Workers analytics signal (cloudflare source)."
@@ -212,13 +240,15 @@ class Rule(_Model):
 
     @property
     def threshold(self) -> float:
-        """The ``above`` or ``below`` bound."""
+        """The ``above`` or ``below`` bound; a compare rule's ``max_ratio``."""
+        if self.compare is not None:
+            return self.compare.max_ratio
         return self.above if self.above is not None else self.below  # type: ignore[return-value]
 
     @property
     def operator(self) -> str:
-        """``>`` for ``above`` rules, ``<`` for ``below`` rules."""
-        return ">" if self.above is not None else "<"
+        """``>`` for ``above`` and compare rules, ``<`` for ``below`` rules."""
+        return "<" if self.below is not None and self.compare is None else ">"
 
     @property
     def gating(self) -> bool:
@@ -289,7 +319,9 @@ def _rule_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
                 f"duplicate rule name {rule.name!r} (also rules[{first_seen[rule.name]}])",
             )
         first_seen.setdefault(rule.name, i)
-        if rule.above is None and rule.below is None:
+        if rule.compare is not None:
+            yield from _compare_problems(rule, at)
+        elif rule.above is None and rule.below is None:
             yield (at, "set exactly one of above or below")
         elif rule.above is not None and rule.below is not None:
             yield ((*at, "below"), "set exactly one of above or below, not both")
@@ -306,22 +338,54 @@ def _rule_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
             )
 
 
+def _compare_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
+    for field in ("above", "below"):
+        if getattr(rule, field) is not None:
+            yield (
+                (*at, field),
+                "a compare rule is judged against the stable version: "
+                "set compare.max_ratio, not above/below",
+            )
+    if rule.source == "cloudflare":
+        if rule.signal is not None and rule.signal != "errors":
+            yield (
+                (*at, "signal"),
+                f"a compare rule needs a count of events among requests: "
+                f"signal errors, not {rule.signal}",
+            )
+        return
+    if rule.query is not None:
+        yield (
+            (*at, "query"),
+            "a compare rule counts `events` among `samples`; it takes no `query`",
+        )
+    for field, what in (("events", "the events (errors, slow requests)"), ("samples", "requests")):
+        text = getattr(rule, field)
+        if not text or not text.strip():
+            yield (
+                (*at, field),
+                f"a {rule.source} compare rule needs `{field}`, PromQL counting {what}",
+            )
+
+
 def _source_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
+    if rule.events is not None and rule.compare is None:
+        yield ((*at, "events"), "only a compare rule counts `events`; add a `compare` block")
     if rule.source == "cloudflare":
         if rule.signal is None:
             yield ((*at, "signal"), "a cloudflare rule needs a signal")
-        for field in ("query", "samples"):
+        for field in ("query", "samples", "events"):
             if getattr(rule, field) is not None:
                 yield ((*at, field), "a cloudflare rule takes a signal, not PromQL")
         return
     if rule.signal is not None:
         yield ((*at, "signal"), f"a {rule.source} rule takes a query, not a signal")
-    if not rule.query or not rule.query.strip():
+    if rule.compare is None and (not rule.query or not rule.query.strip()):
         yield ((*at, "query"), f"a {rule.source} rule needs a query")
-    if rule.min_samples is not None and rule.samples is None:
+    if rule.min_samples is not None and rule.samples is None and rule.compare is None:
         # Without a sample count every evaluation would be inconclusive: the canary never advances.
         yield ((*at, "min_samples"), "needs `samples`, the PromQL that counts the requests")
-    for field in ("query", "samples"):
+    for field in ("query", "samples", "events"):
         text = getattr(rule, field)
         for match in _PLACEHOLDER.finditer(text or ""):
             name = match[1] or match[2]

@@ -5,6 +5,7 @@ Each input line is one of::
     {"t": …, "deployment": {"canary": "v2", "stable": "v1", "canary_percent": 10}}
     {"t": …, "rule": "error_rate", "version": "canary"|"stable", "value": 0.01, "samples": 1800}
     {"t": …, "rule": "error_rate", "version": "canary", "error": "timeout"}
+    {"t": …, "rule": "errors_vs_stable", "version": "canary", "events": 3, "samples": 1800}
     {"t": …, "command": "pause"|"resume"|"promote"|"rollback"}   (or "start" with "version")
 
 Lines sharing a ``t`` form one tick: deployments and commands apply first, in file order, then
@@ -60,6 +61,8 @@ class Record:
             out.update(rule=o.rule, version=o.role)
             if o.error is not None:
                 out["error"] = o.error
+            elif o.events is not None:
+                out["events"] = encode_float(o.events)
             else:
                 out["value"] = None if o.value is None else encode_float(o.value)
             if o.samples is not None:
@@ -109,7 +112,7 @@ def _parse_line(text: str, number: int, known: set[str]) -> Record:
         _only(data, {"t", "command", "version"})
         return Record(t, number, command=_command(data))
     if "rule" in data:
-        _only(data, {"t", "rule", "version", "value", "samples", "error"})
+        _only(data, {"t", "rule", "version", "value", "samples", "events", "error"})
         return Record(t, number, observation=_observation(data, known))
     raise _Bad('a line needs one of "deployment", "rule" or "command"')
 
@@ -183,17 +186,17 @@ def _observation(data: dict[str, Any], known: set[str]) -> Observation:
     error = data.get("error")
     if error is not None and not isinstance(error, str):
         raise _Bad('"error" must be a string')
-    if error is None and "value" not in data:
+    if error is None and "value" not in data and "events" not in data:
         raise _Bad(
-            'an observation needs "value" (a number, null, "NaN", "+Inf", "-Inf") or "error"'
+            'an observation needs "value" (a number, null, "NaN", "+Inf", "-Inf"), '
+            '"events" (a compare rule\'s count) or "error"'
         )
-    return Observation(
-        rule,
-        role,
-        _number(data.get("value"), "value"),
-        _number(data.get("samples"), "samples"),
-        error,
-    )
+    samples = _number(data.get("samples"), "samples")
+    events = _number(data.get("events"), "events")
+    value = _number(data.get("value"), "value")
+    if value is None and events is not None and samples:
+        value = events / samples  # the rate, for a table; compare rules judge the counts
+    return Observation(rule, role, value, samples, error, events)
 
 
 def _number(value: object, name: str) -> float | None:

@@ -63,7 +63,7 @@ def metric_of(rule: Rule) -> str:
         return {"errors_per_minute": "exceptions", "error_ratio": "error_rate"}.get(
             rule.signal or "", "exceptions"
         )
-    query = rule.query or ""
+    query = rule.query or rule.events or ""
     if "histogram_quantile(0.99" in query:
         return "p99"
     if "histogram_quantile(0.5" in query:
@@ -124,6 +124,9 @@ def _measure(
         for rule, compiled, metric in rules:
             seconds = compiled.window.total_seconds()
             requests = _poisson(rng, sim.requests_per_second * share * seconds)
+            if rule.compare is not None:  # counts: errors (or exceptions) among the requests
+                yield _counts(rule, role, metric, behaviour, requests, seconds, rng)
+                continue
             if behaviour.no_data or requests == 0:
                 yield Observation(rule.name, role, math.nan, float(requests))  # type: ignore[arg-type]
                 continue
@@ -133,6 +136,25 @@ def _measure(
                 _value(metric, behaviour, requests, seconds, rng),
                 float(requests),
             )
+
+
+def _counts(
+    rule: Rule,
+    role: str,
+    metric: str,
+    b: Behaviour,
+    requests: int,
+    seconds: float,
+    rng: random.Random,
+) -> Observation:
+    if b.no_data:
+        return Observation(rule.name, role, None, None)  # type: ignore[arg-type]
+    if metric == "exceptions":
+        events = min(requests, _poisson(rng, b.exceptions_per_minute * seconds / 60))
+    else:
+        events = sum(1 for _ in range(requests) if rng.random() < b.error_rate)
+    rate = events / requests if requests else None
+    return Observation(rule.name, role, rate, float(requests), events=float(events))  # type: ignore[arg-type]
 
 
 def _value(metric: str, b: Behaviour, requests: int, seconds: float, rng: random.Random) -> float:

@@ -16,7 +16,7 @@ from coalmine.retry import RetryPolicy
 from coalmine.sources import Target
 from coalmine.sources.prometheus import PrometheusSource
 from tests.integration.prometheus import RunningPrometheus, Series, prometheus_with_history
-from tests.support import ROOT
+from tests.support import ROOT, make_policy
 
 pytestmark = pytest.mark.anyio
 SCRIPT = "slidecraft-api"
@@ -136,3 +136,44 @@ async def test_bad_query_is_bad_data(server: RunningPrometheus, runbook: Policy)
     )
     obs = await measure(server, broken, "error_rate", "v2")
     assert obs.error is not None and obs.error.startswith("query: bad_data: ")
+
+
+COMPARE = """
+version: 1
+name: compare
+scripts: [slidecraft-api]
+steps: [{weight: 10}, {weight: 100}]
+rules:
+  - name: slow_requests_vs_stable
+    source: prometheus
+    events: >-
+      sum(increase(http_request_duration_seconds_bucket{script="$script",version="$version",le="+Inf"}[$window]))
+      - sum(increase(http_request_duration_seconds_bucket{script="$script",version="$version",le="1"}[$window]))
+    samples: sum(increase(http_requests_total{script="$script",version="$version"}[$window]))
+    compare: {max_ratio: 1.2, confidence: 0.99}
+    on_breach: rollback
+  - name: errors_vs_stable
+    source: prometheus
+    events: >-
+      sum(increase(http_requests_total{script="$script",version="$version",code=~"5.."}[$window]))
+      or vector(0)
+    samples: sum(increase(http_requests_total{script="$script",version="$version"}[$window]))
+    compare: {max_ratio: 1.5}
+    on_breach: rollback
+"""
+
+
+async def test_compare_rules_count_events_and_requests_over_the_window(
+    server: RunningPrometheus,
+) -> None:
+    """The issue's histogram-bucket rule counts requests slower than 1 s among all requests
+    (0.2/s of 10/s over 1m), and a version without any 5xx series counts zero events."""
+    policy = make_policy(COMPARE)
+    slow = await measure(server, policy, "slow_requests_vs_stable", "v2")
+    assert slow.error is None
+    assert slow.events == pytest.approx(12, rel=0.01)
+    assert slow.samples == pytest.approx(600, rel=0.01)
+    assert slow.span == (AT - timedelta(minutes=1), AT)
+    errors = await measure(server, policy, "errors_vs_stable", "v1")
+    assert (errors.events, errors.error) == (0.0, None)
+    assert errors.samples == pytest.approx(5400, rel=0.01)

@@ -24,8 +24,8 @@ def _fault_at_50(_elapsed: timedelta, percent: int) -> Behaviour:
 
 
 def _flapping(elapsed: timedelta, _percent: int) -> Behaviour:
-    # breaching on every other 5 s tick: never 20 s in a row
-    return Behaviour(error_rate=0.2) if int(elapsed.total_seconds() // 5) % 2 else HEALTHY
+    # P99 latency breaching on every other 5 s tick: never 20 s in a row
+    return Behaviour(p99=2.0) if int(elapsed.total_seconds() // 5) % 2 else HEALTHY
 
 
 def _nan_storm(elapsed: timedelta, _percent: int) -> Behaviour:
@@ -49,7 +49,8 @@ def scenarios() -> dict[str, Simulation]:
                 "commands": {
                     timedelta(seconds=10): Command("pause"),
                     timedelta(seconds=60): Command("resume"),
-                }
+                },
+                "seed": 2,
             },
         ),
     }

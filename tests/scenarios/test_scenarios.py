@@ -46,14 +46,18 @@ def test_healthy_canary_promoted_through_every_step(capsys: pytest.CaptureFixtur
 def test_fault_at_50_is_rolled_back(capsys: pytest.CaptureFixture[str]) -> None:
     """A canary whose errors start at the 50% step is rolled back, with a critical page."""
     decisions = replay(capsys, "fault-at-50")
-    assert actions(decisions) == ["start", "set_traffic", "hold", "rollback", "page"]
-    hold, rollback, page = decisions[2], decisions[3], decisions[4]
-    assert "error_rate breaching" in hold["reason"]  # the hold ran out while breaching
-    assert rollback["canary_percent"] == 0 and rollback["rule"] == "error_rate"
-    assert rollback["value"] > rollback["threshold"] == 0.02
-    assert rollback["samples"] >= 20 and rollback["window"] == "10s"
+    assert actions(decisions) == ["start", "set_traffic", "rollback", "page"]
+    rollback, page = decisions[2], decisions[3]
+    # the comparison with the stable version trips first: 10 s into the step, where the
+    # absolute error_rate rule would still be waiting out its `for: 20s`
+    assert rollback["canary_percent"] == 0 and rollback["rule"] == "errors_vs_stable"
+    assert rollback["t"] == "2026-03-03T18:00:35Z"
+    assert rollback["value"] > rollback["threshold"] == 1.5
+    assert rollback["interval"][0] >= 1.5
+    assert rollback["samples"] >= 50
     assert (
-        page["severity"] == "critical" and page["dedup_key"] == "coalmine/demo-worker/v2/error_rate"
+        page["severity"] == "critical"
+        and page["dedup_key"] == "coalmine/demo-worker/v2/errors_vs_stable"
     )
     assert "promote" not in actions(decisions)
 
@@ -65,10 +69,10 @@ def test_flapping_metric_that_never_sustains_is_promoted(
     breaching = [
         o
         for o in observations("flapping")
-        if o["rule"] == "error_rate"
+        if o["rule"] == "latency_p99"
         and o["version"] == "canary"
         and isinstance(o["value"], float)
-        and o["value"] > 0.02
+        and o["value"] > 1.0
     ]
     assert len(breaching) >= 5  # the metric really flaps
     assert actions(replay(capsys, "flapping")) == ["start", "set_traffic", "promote", "complete"]
@@ -81,6 +85,7 @@ def test_nan_storm_holds_and_pages_never_promotes(capsys: pytest.CaptureFixture[
     pages = [d for d in decisions if d["action"] == "page"]
     assert {p["rule"] for p in pages} == {
         "error_rate",
+        "errors_vs_stable",
         "latency_p99",
         "latency_p50_gate",
     }

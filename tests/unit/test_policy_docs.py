@@ -15,6 +15,7 @@ from coalmine.policy import (
     PLACEHOLDERS,
     Analysis,
     CloudflareSignal,
+    Compare,
     DeploymentWindows,
     Duration,
     OnBreach,
@@ -32,11 +33,13 @@ DOC = ROOT / "docs" / "policy.md"
 MODELS: tuple[type[BaseModel], ...] = (
     Policy,
     Analysis,
+    Compare,
     Step,
     PostPromotion,
     DeploymentWindows,
     TimeWindow,
     Rule,
+    Compare,
 )
 _HEADING = re.compile(r"^(#+) (.*)$")
 _METRIC = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\{")
@@ -229,7 +232,7 @@ def test_every_metric_of_the_runbook_is_documented(doc: dict[str, list[str]]) ->
     used = {
         name
         for rule in runbook.rules
-        for text in (rule.query, rule.samples)
+        for text in (rule.query, rule.samples, rule.events)
         for name in _METRIC.findall(text or "")
     }
     documented = {row["metric"].strip("`") for row in table(doc["Metrics the runbook reads"])}

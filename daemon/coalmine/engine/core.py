@@ -19,10 +19,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from coalmine.durations import format_duration
-from coalmine.engine.judge import CompiledRule, judge
+from coalmine.engine.judge import CompiledRule, judge, judge_compare
 from coalmine.engine.lifecycle import Event, RolloutPhase, allowed, transition
 from coalmine.engine.model import Command, Decision, Deployment, Observation, Options, format_time
-from coalmine.engine.state import RolloutState, RuleStatus, RuleTrack
+from coalmine.engine.state import RolloutState, RuleStatus, RuleTrack, replace_track
 from coalmine.engine.windows import inside_window, next_opening
 from coalmine.policy import Policy
 
@@ -87,6 +87,7 @@ class _Run:
             samples=track.samples,
             breached_since=track.breached_since,
             stable_value=track.stable_value,
+            interval=_interval(rule, track),
             **extra,
         )
 
@@ -180,7 +181,11 @@ class Engine:
         trips: list[tuple[CompiledRule, RuleTrack]] = []
         for rule in self._active_rules(s):
             prev = s.rules.get(rule.name, _EMPTY)
-            track = judge(rule, prev, canary.get(rule.name), stable.get(rule.name), now, warming_up)
+            mine, theirs = canary.get(rule.name), stable.get(rule.name)
+            if rule.compares:
+                track = judge_compare(rule, prev, mine, theirs, now, warming_up, s.step_started_at)
+            else:
+                track = judge(rule, prev, mine, theirs, now, warming_up)
             s.rules[rule.name] = self._notify(run, rule, prev, track, trips)
         if trips:
             self._rollback_trips(run, trips)
@@ -642,20 +647,13 @@ class Engine:
 
 
 def _with_pages(track: RuleTrack, paged: bool, inconclusive_paged: bool) -> RuleTrack:
-    return RuleTrack(
-        status=track.status,
-        value=track.value,
-        samples=track.samples,
-        stable_value=track.stable_value,
-        detail=track.detail,
-        evaluated_at=track.evaluated_at,
-        breaching=track.breaching,
-        breached_since=track.breached_since,
-        tripped=track.tripped,
-        inconclusive_since=track.inconclusive_since,
-        paged=paged,
-        inconclusive_paged=inconclusive_paged,
-    )
+    return replace_track(track, paged=paged, inconclusive_paged=inconclusive_paged)
+
+
+def _interval(rule: CompiledRule, track: RuleTrack) -> tuple[float, float] | None:
+    if not rule.compares or track.interval_low is None or track.interval_high is None:
+        return None
+    return track.interval_low, track.interval_high
 
 
 def _num(value: float | None) -> str:
@@ -663,12 +661,38 @@ def _num(value: float | None) -> str:
 
 
 def _value_text(rule: CompiledRule, track: RuleTrack) -> str:
+    if rule.compares:
+        return _compare_text(rule, track, rule.operator)
     samples = f", {_num(track.samples)} samples" if track.samples is not None else ""
     window = format_duration(rule.window)
     return f"{_num(track.value)} {rule.operator} {_num(rule.threshold)}, window {window}{samples}"
 
 
+def _compare_text(rule: CompiledRule, track: RuleTrack, operator: str) -> str:
+    """``canary/stable rate ratio 4.1 (99% CI 2.4-7.9) > 1.5: canary 23 of 1800, ...``."""
+    assert rule.confidence is not None
+    ev = track.evidence
+    counts = (
+        f": canary {_num(ev.canary_events)} of {_num(ev.canary_samples)}, "
+        f"stable {_num(ev.stable_events)} of {_num(ev.stable_samples)} since the step began"
+        if ev is not None
+        else ""
+    )
+    low, high = track.interval_low, track.interval_high
+    ci = (
+        f" ({rule.confidence * 100:.4g}% CI {_num(low)}-{_num(high)})"
+        if low is not None and high is not None
+        else ""
+    )
+    return (
+        f"canary/stable rate ratio {_num(track.value)}{ci} {operator} "
+        f"max_ratio {_num(rule.threshold)}{counts}"
+    )
+
+
 def _recovered_text(rule: CompiledRule, track: RuleTrack) -> str:
+    if rule.compares:
+        return _compare_text(rule, track, "no longer shown above")
     bound = "<=" if rule.above else ">="
     return (
         f"{_num(track.value)} {bound} {_num(rule.threshold)}, window {format_duration(rule.window)}"
@@ -689,8 +713,22 @@ def _when(t: datetime) -> str:
 
 def _trip_text(rule: CompiledRule, track: RuleTrack, consequence: str) -> str:
     since = _when(track.breached_since) if track.breached_since else "now"
-    stable = f" (stable {_num(track.stable_value)})" if track.stable_value is not None else ""
+    stable = ""
+    if rule.compares:
+        stable = f" (stable rate {_num(track.stable_value)})"
+    elif track.stable_value is not None:
+        both = _breaches(rule, track.stable_value)
+        stable = (
+            f" (stable {_num(track.stable_value)} breaches too: both versions are affected,"
+            " a shared incident rather than the canary alone)"
+            if both
+            else f" (stable {_num(track.stable_value)})"
+        )
     return (
         f"{rule.name} tripped: {_value_text(rule, track)}{stable}, breaching since {since} "
         f"(for {format_duration(rule.for_)}): {consequence}"
     )
+
+
+def _breaches(rule: CompiledRule, value: float) -> bool:
+    return value > rule.threshold if rule.above else value < rule.threshold

@@ -9,9 +9,14 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from coalmine.engine.compare import Evidence
 from coalmine.engine.model import Observation
-from coalmine.engine.state import RuleStatus, RuleTrack
+from coalmine.engine.state import RuleStatus, RuleTrack, replace_track
 from coalmine.policy import Rule
+
+COMPARE_MIN_SAMPLES = 100.0
+"""A compare rule without ``min_samples`` is inconclusive until the canary served this many
+requests in the step: below it, not even a gross regression could be told from chance."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,17 +33,26 @@ class CompiledRule:
     severity: str
     window: timedelta
     phases: frozenset[str]
+    confidence: float | None = None  # set for compare rules only (threshold is max_ratio)
+
+    @property
+    def compares(self) -> bool:
+        """Whether the rule judges the canary against the stable version."""
+        return self.confidence is not None
 
     @classmethod
     def of(cls, rule: Rule) -> CompiledRule:
         """Compile a validated policy rule."""
         default_severity = "critical" if rule.on_breach == "rollback" else "error"
+        min_samples = rule.min_samples
+        if rule.compare is not None and min_samples is None:
+            min_samples = COMPARE_MIN_SAMPLES
         return cls(
             name=rule.name,
-            above=rule.above is not None,
+            above=rule.above is not None or rule.compare is not None,
             threshold=rule.threshold,
             for_=rule.for_,
-            min_samples=rule.min_samples,
+            min_samples=min_samples,
             on_breach=rule.on_breach,
             gating=rule.gating,
             severity=rule.severity
@@ -46,6 +60,7 @@ class CompiledRule:
             else default_severity,
             window=rule.window,
             phases=frozenset(rule.phases),
+            confidence=rule.compare.confidence if rule.compare is not None else None,
         )
 
     @property
@@ -111,14 +126,7 @@ def judge(
         )
     assert value is not None  # conclusive implies a finite value
     breaching = value > rule.threshold if rule.above else value < rule.threshold
-    if warming_up:
-        status, since, tripped = RuleStatus.WARMUP, prev.breached_since, prev.tripped
-    elif breaching:
-        status = RuleStatus.BREACHING
-        since = prev.breached_since or now
-        tripped = prev.tripped or now >= since + rule.for_
-    else:
-        status, since, tripped = RuleStatus.OK, None, False
+    status, since, tripped = _verdict(rule, prev, breaching, now, warming_up)
     return RuleTrack(
         status=status,
         value=value,
@@ -132,4 +140,109 @@ def judge(
         inconclusive_since=None,
         paged=prev.paged,
         inconclusive_paged=prev.inconclusive_paged,
+    )
+
+
+def _verdict(
+    rule: CompiledRule, prev: RuleTrack, breaching: bool, now: datetime, warming_up: bool
+) -> tuple[RuleStatus, datetime | None, bool]:
+    """Status, breached_since and tripped after a conclusive evaluation."""
+    if warming_up:  # judged later: neither starts nor clears a breach
+        return RuleStatus.WARMUP, prev.breached_since, prev.tripped
+    if breaching:
+        since = prev.breached_since or now
+        return RuleStatus.BREACHING, since, prev.tripped or now >= since + rule.for_
+    return RuleStatus.OK, None, False
+
+
+def _counts(obs: Observation | None) -> tuple[float, float] | str:
+    """A compare observation's (events, samples), or why it cannot be counted."""
+    if obs is None:
+        return "no observation"
+    if obs.error is not None:
+        return f"source error: {obs.error}"
+    events, samples = obs.events, obs.samples
+    if events is None or samples is None:
+        return "no data" if events is None else "no sample count"
+    for name, count in (("events", events), ("samples", samples)):
+        if math.isnan(count) or math.isinf(count) or count < 0:
+            return f"{name} is {count:g}, not a count"
+    # increase() extrapolates: 0.6 of an event is one event; requests only enter as a ratio
+    return float(round(events)), samples
+
+
+def judge_compare(
+    rule: CompiledRule,
+    prev: RuleTrack,
+    canary: Observation | None,
+    stable: Observation | None,
+    now: datetime,
+    warming_up: bool,
+    step_started_at: datetime | None,
+) -> RuleTrack:
+    """A compare rule's track after this tick: count the window, then test the step's evidence.
+
+    A window is counted once, only if it starts at or after the step began and after the last
+    window counted (windows never overlap, so no event is counted twice). The test then
+    judges everything counted since the step began: breaching when it rejects "canary <=
+    max_ratio x stable" at the rule's confidence. Either version's observation missing, or the
+    canary short of ``min_samples`` requests in the step: inconclusive, as for any rule.
+    """
+    assert rule.confidence is not None
+    max_ratio = rule.threshold
+    evidence = prev.evidence or Evidence()
+    canary_counts, stable_counts = _counts(canary), _counts(stable)
+    why: str | None = None
+    if isinstance(canary_counts, str):
+        why = canary_counts
+    elif isinstance(stable_counts, str):
+        why = f"stable: {stable_counts}"
+    else:
+        span = canary.span if canary is not None else None
+        start, end = span or (now - rule.window, now)
+        # ticks run a little late or early: a sliver of overlap is not a second count
+        slack = rule.window / 10
+        fresh = evidence.covered_until is None or start >= evidence.covered_until - slack
+        if fresh and (step_started_at is None or start >= step_started_at - slack):
+            evidence = evidence.add(max_ratio, *canary_counts, *stable_counts, end=end)
+        if rule.min_samples is not None and not evidence.canary_samples >= rule.min_samples:
+            why = (
+                f"{evidence.canary_samples:g} canary requests in the step "
+                f"< min_samples {rule.min_samples:g}"
+            )
+        elif evidence.stable_samples <= 0:
+            why = "no stable requests in the step to compare with"
+    low, high = evidence.interval(rule.confidence, max_ratio)
+    stable_rate = (
+        evidence.stable_events / evidence.stable_samples if evidence.stable_samples > 0 else None
+    )
+    common = {
+        "value": evidence.estimate(),
+        "samples": evidence.canary_samples,
+        "stable_value": stable_rate,
+        "evaluated_at": now,
+        "interval_low": low,
+        "interval_high": high,
+        "evidence": evidence,
+    }
+    if why is not None:
+        return replace_track(
+            prev,
+            status=RuleStatus.INCONCLUSIVE,
+            detail=why,
+            breaching=False,
+            inconclusive_since=prev.inconclusive_since or now,
+            **common,
+        )
+    breaching = evidence.e_value(max_ratio) >= 1.0 / (1.0 - rule.confidence)
+    status, since, tripped = _verdict(rule, prev, breaching, now, warming_up)
+    return replace_track(
+        prev,
+        status=status,
+        detail="",
+        breaching=breaching,
+        breached_since=since,
+        tripped=tripped,
+        inconclusive_since=None,
+        **common,
     )

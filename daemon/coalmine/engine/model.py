@@ -33,6 +33,8 @@ class Observation:
 
     ``value`` None means no data; NaN and ±Inf are kept as floats (all three are inconclusive).
     ``error`` is set when the query failed (timeout, HTTP error, malformed response).
+    A compare rule's observation counts ``events`` among ``samples`` requests in the window
+    ``span`` (start, end); None: the rule's window ending at the tick.
     """
 
     rule: str
@@ -40,6 +42,8 @@ class Observation:
     value: float | None
     samples: float | None = None
     error: str | None = None
+    events: float | None = None
+    span: tuple[datetime, datetime] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,7 @@ class Decision:
     samples: float | None = None
     breached_since: datetime | None = None
     stable_value: float | None = None
+    interval: tuple[float, float] | None = None  # a compare rule's confidence interval
     severity: str | None = None
     dedup_key: str | None = None
     dry_run: bool = False
@@ -127,6 +132,7 @@ class Decision:
             "samples",
             "breached_since",
             "stable_value",
+            "interval",
             "severity",
             "dedup_key",
         ):
@@ -148,6 +154,8 @@ def format_time(t: datetime) -> str:
 
 
 def _json_value(value: object) -> object:
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
     if isinstance(value, float):
         return encode_float(value)
     if isinstance(value, datetime):

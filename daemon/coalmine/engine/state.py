@@ -12,6 +12,7 @@ from datetime import datetime
 from enum import Enum, StrEnum
 from typing import Any
 
+from coalmine.engine.compare import Evidence
 from coalmine.engine.lifecycle import RolloutPhase
 from coalmine.engine.model import Deployment, decode_float, encode_float, format_time
 
@@ -47,12 +48,17 @@ class RuleTrack:
     inconclusive_since: datetime | None = None
     paged: bool = False  # a trip page is open under the rule's dedup key
     inconclusive_paged: bool = False  # an inconclusive page is open
+    # compare rules: the ratio's confidence interval and the step's evidence so far
+    interval_low: float | None = None
+    interval_high: float | None = None
+    evidence: Evidence | None = None
 
     def cleared(self) -> RuleTrack:
-        """The same track with its breach tracking forgotten (after a traffic change)."""
-        if self.breached_since is None and not self.tripped:
+        """The same track with its breach tracking and a compare rule's evidence forgotten
+        (after a traffic change: the comparison restarts with the new split)."""
+        if self.breached_since is None and not self.tripped and self.evidence is None:
             return self
-        return _replace(self, breached_since=None, tripped=False)
+        return _replace(self, breached_since=None, tripped=False, evidence=None)
 
 
 @dataclass(slots=True)
@@ -116,7 +122,7 @@ _TIMES = {
     "breached_since",
     "inconclusive_since",
 }
-_FLOATS = {"value", "samples", "stable_value"}
+_FLOATS = {"value", "samples", "stable_value", "interval_low", "interval_high"}
 
 
 def _encode(value: object) -> object:
@@ -126,6 +132,8 @@ def _encode(value: object) -> object:
         return format_time(value)
     if isinstance(value, float):
         return encode_float(value)
+    if isinstance(value, Evidence):
+        return value.to_json()
     if isinstance(value, Deployment):
         return {
             "stable": value.stable,
@@ -146,9 +154,16 @@ def _decode(name: str, value: Any) -> Any:
         return RolloutPhase(value)
     if name == "status":
         return RuleStatus(value)
+    if name == "evidence":
+        return Evidence.from_json(value)
     if name in ("expected", "live"):
         return Deployment(value["stable"], value["canary"], value["canary_percent"])
     return value
+
+
+def replace_track(track: RuleTrack, **changes: Any) -> RuleTrack:
+    """A copy of ``track`` with ``changes``."""
+    return _replace(track, **changes)
 
 
 def _replace(track: RuleTrack, **changes: Any) -> RuleTrack:

@@ -9,7 +9,9 @@ are measured over the same window. Signals, per version, over the rule's ``windo
 - a version with no requests in the window is inconclusive ("no data") for every signal;
 - ``error_ratio`` = errors / requests; ``errors_per_minute`` = errors / window minutes;
 - ``cpu_time_p50``, ``cpu_time_p99``, ``wall_time_p99`` in milliseconds: the request-weighted
-  mean of the per-minute quantiles (Cloudflare reports microseconds).
+  mean of the per-minute quantiles (Cloudflare reports microseconds);
+- a compare rule (signal ``errors``) gets the counts, ``events`` errors of ``samples`` requests,
+  with the window, so that the engine counts each closed window once.
 
 The sample count of every signal is the version's requests in the window.
 """
@@ -103,6 +105,14 @@ class CloudflareAnalytics:
         if query.error is not None:
             return Observation(rule.name, target.role, None, None, query.error)
         rows = [r for r in query.rows if r.version == target.version and start <= r.minute < end]
+        if rule.compare is not None:
+            # counts, for the canary-vs-stable test: a version idle in the window counts 0 of 0
+            requests = sum(r.requests for r in rows)
+            errors = sum(r.errors for r in rows)
+            rate = errors / requests if requests else None
+            return Observation(
+                rule.name, target.role, rate, requests, events=errors, span=(start, end)
+            )
         if not any(r.requests > 0 for r in rows):
             # no requests from this version in the window: nothing was measured
             window = f"{format_time(start)} .. {format_time(end)}"

@@ -55,12 +55,13 @@ class PrometheusSource:
         self.name = name
 
     async def fetch(self, rule: Rule, target: Target, at: datetime) -> Observation:
-        """The rule's value and sample count at ``at``; every failure is inconclusive."""
-        assert rule.query is not None
-        part = "query"
+        """The rule's value and sample count at ``at`` (a compare rule's event and request
+        counts over its window); every failure is inconclusive."""
+        first, part = (rule.events, "events query") if rule.compare else (rule.query, "query")
+        assert first is not None
         try:
             with anyio.fail_after(self._timeout * 1.5):
-                value = await self._query(render(rule.query, rule, target), at)
+                value = await self._query(render(first, rule, target), at)
                 samples = None
                 if rule.samples is not None:
                     part = "samples query"
@@ -72,7 +73,14 @@ class PrometheusSource:
             return Observation(rule.name, target.role, None, None, why)
         if samples is not None and math.isnan(samples):
             samples = 0.0  # no requests in the window at all
-        return Observation(rule.name, target.role, value, samples)
+        if rule.compare is None:
+            return Observation(rule.name, target.role, value, samples)
+        if math.isnan(value) and samples == 0.0:
+            value = 0.0  # no requests, so no events: 0/0 from a difference of increases
+        rate = value / samples if samples else None
+        return Observation(
+            rule.name, target.role, rate, samples, events=value, span=(at - rule.window, at)
+        )
 
     async def _query(self, query: str, at: datetime) -> float:
         params = {"query": query, "time": f"{at.timestamp():.3f}", "timeout": f"{self._timeout:g}s"}
