@@ -208,7 +208,7 @@ async def open_daemon(
         store = stack.enter_context(Store(settings.state_path))
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, verify=True))
         metrics = Metrics(CollectorRegistry())
-        health = Health()
+        health = Health(monotonic)  # failing-for times and the unhealthy limit in the daemon's time
 
         def observe(name: str, seconds: float, error: str | None) -> None:
             metrics.observe_call(name, seconds, error)

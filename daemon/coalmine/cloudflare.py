@@ -262,11 +262,7 @@ class CloudflareClient:
         except ValueError:
             body = None
         if self._observe:
-            self._observe(
-                _dependency(url),
-                time.perf_counter() - started,
-                None if status < 400 else f"http_{status}",
-            )
+            self._observe(_dependency(url), time.perf_counter() - started, _failure(status, body))
         if status == 429:
             after = _seconds(response.headers.get("retry-after"), default=60.0)
             self._limiter.block(after)  # the next attempt's take() waits it out, for every call
@@ -280,6 +276,19 @@ class CloudflareClient:
         if status >= 400:
             raise _envelope_error(body, status, f"{method} {_path(url)}: ")
         return body
+
+
+def _failure(status: int, body: Any) -> str | None:
+    """The error kind of an answer for /health and /metrics, None for a good one. A 2xx cut
+    short (not JSON) or carrying errors (GraphQL's errors inside a 200) failed as surely as a
+    5xx did."""
+    if status >= 400:
+        return f"http_{status}"
+    if body is None:
+        return "bad_answer"
+    if isinstance(body, dict) and (body.get("errors") or body.get("success") is False):
+        return "api_error"
+    return None
 
 
 def _dependency(url: str) -> str:

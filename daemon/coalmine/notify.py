@@ -162,6 +162,9 @@ class Outbox:
         self._rng = rng or random.Random()
         self._wake = anyio.Event()
         self._on_result = on_result
+        # accepted by their receiver, but the store failed to record it: recorded at the next
+        # pass and never sent again (a store down for minutes must not spam every receiver)
+        self._sent: set[int] = set()
 
     def wake(self) -> None:
         """New items were committed: deliver without waiting for the next poll."""
@@ -182,16 +185,19 @@ class Outbox:
         """One pass over the due items; returns how many were delivered."""
         delivered = 0
         for item in self._store.due(self._clock()):
-            try:
-                await self._send(item)
-            except DeliveryError as exc:
-                self._failed(item, exc)
-                continue
-            except Exception as exc:  # one bad item must not stop the others
-                log.exception("outbox: unexpected error delivering", channel=item.channel)
-                self._failed(item, DeliveryError(f"internal error: {type(exc).__name__}"))
-                continue
+            if item.id not in self._sent:
+                try:
+                    await self._send(item)
+                except DeliveryError as exc:
+                    self._failed(item, exc)
+                    continue
+                except Exception as exc:  # one bad item must not stop the others
+                    log.exception("outbox: unexpected error delivering", channel=item.channel)
+                    self._failed(item, DeliveryError(f"internal error: {type(exc).__name__}"))
+                    continue
+                self._sent.add(item.id)
             self._store.delivered(item.id, self._clock())
+            self._sent.discard(item.id)
             delivered += 1
             if self._on_result:
                 self._on_result(item.channel, None)

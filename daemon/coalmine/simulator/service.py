@@ -9,7 +9,12 @@ clients get *connection refused* until ``go_up()`` listens again on the same por
 An injection can answer with any status, headers and body; ``drop`` closes the connection
 without an answer; ``truncate`` sends the real answer's first half (well framed: coalmine's
 server always frames bodies correctly, so the client sees JSON cut short, not a short read);
-``hang`` holds the request until the queue is cleared or the service stops, for timeouts.
+``hang`` holds the request until the queue is cleared or the service stops, for timeouts;
+``apply_then_hang`` lets the service act on the request, then holds its answer the same way
+(a client that dies meanwhile never learns that its call took effect), and sends it once released.
+
+For load tests, ``latency`` makes every answer take that long, and ``in_flight`` counts the
+requests being answered at once under a key of the test's choosing (:class:`InFlight`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ import fnmatch
 import json
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Literal
@@ -30,7 +35,7 @@ from anyio.abc import TaskStatus
 from coalmine.httpserver import Request, Response, serve
 from coalmine.simulator.traffic import Clock
 
-Action = Literal["answer", "drop", "truncate", "hang"]
+Action = Literal["answer", "drop", "truncate", "hang", "apply_then_hang"]
 
 # coalmine.httpserver drops a connection, sending nothing, when a response cannot be framed;
 # a header value with a line break is such a response. That is how ``drop`` is made.
@@ -142,6 +147,11 @@ class FaultQueue:
         if injection.action == "hang":
             await self._released.wait()
             return _DROP
+        if injection.action == "apply_then_hang":
+            released = self._released  # a clear() while the service acts still releases it
+            answer = await real()
+            await released.wait()
+            return answer
         return injection.response()
 
 
@@ -171,6 +181,42 @@ class WindowLimiter:
         return None
 
 
+@dataclass
+class InFlight:
+    """How many requests are being answered at once, counted under a key (for load tests).
+
+    ``key`` maps each logged request to what it is counted under (say, its script and API), or
+    to None to leave it out; no ``key``, nothing is counted. ``peak`` keeps the most requests
+    seen at once under each key, ``peak_total`` the most of all counted requests at once.
+    """
+
+    key: Callable[[LoggedRequest], Hashable | None] | None = None
+    now: dict[Hashable, int] = field(default_factory=dict)
+    peak: dict[Hashable, int] = field(default_factory=dict)
+    total: int = 0
+    peak_total: int = 0
+
+    def enter(self, request: LoggedRequest) -> Hashable | None:
+        """Count a request being answered; returns the key to hand to :meth:`leave`."""
+        key = self.key(request) if self.key is not None else None
+        if key is None:
+            return None
+        count = self.now[key] = self.now.get(key, 0) + 1
+        self.peak[key] = max(self.peak.get(key, 0), count)
+        self.total += 1
+        self.peak_total = max(self.peak_total, self.total)
+        return key
+
+    def leave(self, key: Hashable | None) -> None:
+        """The request counted under ``key`` has its answer."""
+        if key is None:
+            return
+        self.total -= 1
+        self.now[key] -= 1
+        if not self.now[key]:
+            del self.now[key]
+
+
 def retry_after(seconds: float) -> str:
     """A ``retry-after`` value: whole seconds, at least one."""
     return str(max(1, math.ceil(seconds)))
@@ -186,6 +232,8 @@ class Service:
         self.requests: list[LoggedRequest] = []
         self.faults = FaultQueue(clock)
         self.errors: list[BaseException] = []  # the service's own bugs, for tests to assert on
+        self.latency = 0.0  # wall-clock seconds every answer takes (a far-away API); 0: none
+        self.in_flight = InFlight()  # set its ``key`` to count requests answered at once
         self._up = True
         self._scope: anyio.CancelScope | None = None
         self._wake = anyio.Event()
@@ -222,11 +270,17 @@ class Service:
         """Log, apply an injected fault or route, and record the status."""
         entry = LoggedRequest.of(request, self.clock())
         self.requests.append(entry)
-        injection = self.faults.take(request)
-        if injection is None:
-            response = await self.route(request)
-        else:
-            response = await self.faults.apply(injection, partial(self.route, request))
+        flight = self.in_flight.enter(entry)
+        try:
+            if self.latency > 0:
+                await anyio.sleep(self.latency)
+            injection = self.faults.take(request)
+            if injection is None:
+                response = await self.route(request)
+            else:
+                response = await self.faults.apply(injection, partial(self.route, request))
+        finally:
+            self.in_flight.leave(flight)
         entry.status = None if response is _DROP else response.status
         return response
 

@@ -122,8 +122,14 @@ class PrometheusSource:
             detail = _error_text(body) or f"HTTP {response.status_code}"
             raise Retryable(detail, after=_retry_after(response))
         if self._observe:
-            ok = response.status_code == 200 and body is not None
-            self._observe(self.name, elapsed, None if ok else f"http_{response.status_code}")
+            # a 200 is a healthy call only when it is Prometheus's own envelope: a proxy's
+            # page, or JSON of another shape, fails every query just the same
+            enveloped = isinstance(body, dict) and body.get("status") == "success"
+            if response.status_code != 200:
+                error = f"http_{response.status_code}"
+            elif not enveloped:
+                error = "bad_answer"
+            self._observe(self.name, elapsed, error)
         if body is None:
             raise BadAnswer(f"HTTP {response.status_code}: malformed answer (not JSON)")
         return body
