@@ -29,6 +29,7 @@ rules:
     events: sum(increase(errors_total{version="$version"}[$window]))
     samples: sum(increase(requests_total{version="$version"}[$window]))
     window: 30s
+    min_samples: 100
     compare: {max_ratio: 1.5, confidence: 0.99}
     on_breach: rollback
 """
@@ -215,7 +216,7 @@ def test_a_shared_incident_does_not_trip_a_compare_rule() -> None:
 
 
 def test_too_few_canary_requests_is_inconclusive_never_a_pass() -> None:
-    """Below min_samples (100 by default) in the step the rule holds the rollout."""
+    """Below min_samples (here 100) in the step the rule holds the rollout."""
     rollout = Rollout(make_policy(POLICY))
     rollout.tick(30, *counts((0, 40), (0, 360)))
     track = rollout.state.rules["errs"]
@@ -397,3 +398,23 @@ def test_any_counts_never_crash_and_broken_ones_never_pass(
         if broken:
             assert track.status is RuleStatus.INCONCLUSIVE
         json.dumps(rollout.state.to_json(), allow_nan=False)
+
+
+def test_by_default_a_thousand_canary_requests_before_a_pass_but_a_breach_at_once() -> None:
+    """Without min_samples a compare rule needs 1,000 canary requests in the step to pass;
+    a rejection needs no minimum (the test is valid at any sample size)."""
+    policy = make_policy(POLICY.replace("    min_samples: 100\n", ""))
+    quiet = Rollout(policy)
+    for i in range(1, 10):
+        quiet.tick(30 * i, *counts((0, 100), (1, 900)))
+    assert quiet.state.rules["errs"].status is RuleStatus.INCONCLUSIVE
+    assert "900 canary requests in the step < min_samples 1000" in quiet.state.rules["errs"].detail
+    quiet.tick(300, *counts((0, 100), (1, 900)))
+    assert quiet.state.rules["errs"].status is RuleStatus.OK
+    bad = Rollout(policy)
+    for i in range(1, 10):
+        bad.tick(30 * i, *counts((10, 50), (1, 450)))
+        if "rollback" in bad.actions():
+            break
+    assert "rollback" in bad.actions()
+    assert bad.decisions[-2].samples is not None and bad.decisions[-2].samples < 1000

@@ -14,9 +14,10 @@ from coalmine.engine.model import Observation
 from coalmine.engine.state import RuleStatus, RuleTrack, replace_track
 from coalmine.policy import Rule
 
-COMPARE_MIN_SAMPLES = 100.0
-"""A compare rule without ``min_samples`` is inconclusive until the canary served this many
-requests in the step: below it, not even a gross regression could be told from chance."""
+COMPARE_MIN_SAMPLES = 1000.0
+"""A compare rule without ``min_samples`` cannot pass until the canary served this many requests
+in the step: with fewer, "no evidence the canary is worse" is mostly no evidence at all (at a
+0.5% error rate, a thousand requests are five errors). It can breach at any count."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,14 +186,16 @@ def judge_compare(
     A window is counted once, only if it starts at or after the step began and after the last
     window counted (windows never overlap, so no event is counted twice). The test then
     judges everything counted since the step began: breaching when it rejects "canary <=
-    max_ratio x stable" at the rule's confidence. Either version's observation missing, or the
-    canary short of ``min_samples`` requests in the step: inconclusive, as for any rule.
+    max_ratio x stable" at the rule's confidence. Either version's observation missing:
+    inconclusive, as for any rule. Short of ``min_samples`` canary requests in the step (or with
+    no stable requests): inconclusive unless the test already rejects, never a pass.
     """
     assert rule.confidence is not None
     max_ratio = rule.threshold
     evidence = prev.evidence or Evidence()
     canary_counts, stable_counts = _counts(canary), _counts(stable)
-    why: str | None = None
+    why: str | None = None  # why this tick cannot be judged at all
+    thin: str | None = None  # why the evidence is too thin to pass (it may still breach)
     if isinstance(canary_counts, str):
         why = canary_counts
     elif isinstance(stable_counts, str):
@@ -206,12 +209,12 @@ def judge_compare(
         if fresh and (step_started_at is None or start >= step_started_at - slack):
             evidence = evidence.add(max_ratio, *canary_counts, *stable_counts, end=end)
         if rule.min_samples is not None and not evidence.canary_samples >= rule.min_samples:
-            why = (
+            thin = (
                 f"{evidence.canary_samples:g} canary requests in the step "
                 f"< min_samples {rule.min_samples:g}"
             )
         elif evidence.stable_samples <= 0:
-            why = "no stable requests in the step to compare with"
+            thin = "no stable requests in the step to compare with"
     low, high = evidence.interval(rule.confidence, max_ratio)
     stable_rate = (
         evidence.stable_events / evidence.stable_samples if evidence.stable_samples > 0 else None
@@ -225,6 +228,10 @@ def judge_compare(
         "interval_high": high,
         "evidence": evidence,
     }
+    # The test's guarantee holds at any sample size, so a rejection counts however little
+    # evidence there is; only passing needs the minimum.
+    breaching = why is None and evidence.e_value(max_ratio) >= 1.0 / (1.0 - rule.confidence)
+    why = why or (None if breaching else thin)
     if why is not None:
         return replace_track(
             prev,
@@ -234,7 +241,6 @@ def judge_compare(
             inconclusive_since=prev.inconclusive_since or now,
             **common,
         )
-    breaching = evidence.e_value(max_ratio) >= 1.0 / (1.0 - rule.confidence)
     status, since, tripped = _verdict(rule, prev, breaching, now, warming_up)
     return replace_track(
         prev,
