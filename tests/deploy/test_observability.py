@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coalmine.engine import RolloutPhase
 from coalmine.simulator import Behaviour
-from tests.e2e.harness import harness, served
+from tests.e2e.harness import POLICY, harness, served
 from tests.support import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "coalmine-dashboard.json"
@@ -405,7 +405,14 @@ def problems_with(where: str, expr: str, exposed: Exposition) -> list[str]:
 @pytest.mark.anyio
 async def test_dashboard_and_alerts_use_only_what_coalmine_exports(tmp_path: Path) -> None:
     """/metrics exposes every metric, label and label value the dashboard and alerts use."""
-    async with harness(tmp_path, canary=Behaviour(exception_rate=0.3)) as h, served(h) as client:
+    policy = POLICY + (  # and a compare rule, for the panel of confidence bounds
+        "  - {name: exceptions_vs_stable, source: cloudflare, signal: errors,\n"
+        "     compare: {max_ratio: 1.5}, on_breach: page}\n"
+    )
+    async with (
+        harness(tmp_path, policy=policy, canary=Behaviour(exception_rate=0.3)) as h,
+        served(h) as client,
+    ):
         h.sim.cloudflare.inject(method="POST", path="*/graphql", status=503, times=1)
         h.sim.cloudflare.inject(method="POST", path="*/deployments", status=500, times=4)
         h.sim.pagerduty.inject(status=500, times=1)
