@@ -181,19 +181,31 @@ def _parse(data: dict[str, Any]) -> list[Row]:
         try:
             dims, sums = group["dimensions"], group["sum"]
             quantiles = group.get("quantiles") or {}
-            minute = datetime.fromisoformat(str(dims["datetimeMinute"]).replace("Z", "+00:00"))
+            minute = datetime.fromisoformat(_text(dims["datetimeMinute"]).replace("Z", "+00:00"))
             rows.append(
                 Row(
                     minute,
-                    str(dims["scriptVersion"]),
-                    float(sums["requests"]),
-                    float(sums["errors"]),
+                    _text(dims["scriptVersion"]),
+                    _count(sums["requests"]),
+                    _count(sums["errors"]),
                     {k: _number(quantiles.get(k)) for k in _QUANTILES.values() if k in quantiles},
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _Malformed(f"bad row ({type(exc).__name__}: {exc})") from None
     return rows
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _count(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"expected a count, got {value!r}")
+    return float(value)
 
 
 def _number(value: Any) -> float | None:

@@ -75,8 +75,6 @@ class PrometheusSource:
             samples = 0.0  # no requests in the window at all
         if rule.compare is None:
             return Observation(rule.name, target.role, value, samples)
-        if math.isnan(value) and samples == 0.0:
-            value = 0.0  # no requests, so no events: 0/0 from a difference of increases
         rate = value / samples if samples else None
         return Observation(
             rule.name, target.role, rate, samples, events=value, span=(at - rule.window, at)
@@ -132,6 +130,8 @@ class PrometheusSource:
             self._observe(self.name, elapsed, error)
         if body is None:
             raise BadAnswer(f"HTTP {response.status_code}: malformed answer (not JSON)")
+        if response.status_code != 200:  # 4xx: Prometheus's own error, or a proxy's page
+            raise BadAnswer(_error_text(body) or f"HTTP {response.status_code}")
         return body
 
 
