@@ -339,6 +339,12 @@ def _rule_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
 
 
 def _compare_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
+    if "post_promotion" in rule.phases:
+        yield (
+            (*at, "phases"),
+            "a compare rule needs both versions serving: it runs in the canary phase only "
+            "(after promotion the stable version serves nothing)",
+        )
     for field in ("above", "below"):
         if getattr(rule, field) is not None:
             yield (

@@ -160,6 +160,12 @@ def test_the_issue_examples_parse() -> None:
         ),
         ("{name: c, source: prometheus, query: x, events: y, above: 1}", "events", "compare"),
         (
+            "{name: c, source: cloudflare, signal: errors, compare: {max_ratio: 2}, "
+            "phases: [canary, post_promotion]}",
+            "phases",
+            "canary phase only",
+        ),
+        (
             "{name: c, source: cloudflare, signal: errors, compare: {max_ratio: 0}}",
             "max_ratio",
             "greater than 0",

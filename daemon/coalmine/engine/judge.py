@@ -156,6 +156,9 @@ def _verdict(
     return RuleStatus.OK, None, False
 
 
+_MAX_COUNT = 1e15  # more events or requests than that in one window is a broken query
+
+
 def _counts(obs: Observation | None) -> tuple[float, float] | str:
     """A compare observation's (events, samples), or why it cannot be counted."""
     if obs is None:
@@ -166,7 +169,7 @@ def _counts(obs: Observation | None) -> tuple[float, float] | str:
     if events is None or samples is None:
         return "no data" if events is None else "no sample count"
     for name, count in (("events", events), ("samples", samples)):
-        if math.isnan(count) or math.isinf(count) or count < 0:
+        if not 0 <= count <= _MAX_COUNT:  # NaN fails this too
             return f"{name} is {count:g}, not a count"
     # increase() extrapolates: 0.6 of an event is one event; requests only enter as a ratio
     return float(round(events)), samples
