@@ -44,6 +44,17 @@ from coalmine.store import Store, Verification, verify_file
 
 log = structlog.get_logger("coalmine")
 JOURNAL_CHECK_EVERY = 3600.0  # seconds between hash-chain checks of the journal
+GOLDEN = (5**0.5 - 1) / 2
+
+
+def loop_phase(i: int) -> float:
+    """Where in its interval the ``i``-th loop (from 1) ticks, as a share of the interval.
+
+    Loops started together in step send their calls at one instant: each then waits behind
+    the others in the HTTP pool, and the pool's bookkeeping grows with the crowd. The
+    golden-ratio sequence spreads any run of consecutive loops (one policy's scripts) evenly.
+    """
+    return ((i * GOLDEN) % 1.0) or 1.0
 
 
 def _now() -> datetime:
@@ -144,8 +155,8 @@ class Daemon:
                 await self.shared.actuator.reconcile(loop.script)
             tg.start_soon(self.outbox.run)
             tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
-            for loop in self.loops.values():
-                tg.start_soon(loop.run)
+            for i, loop in enumerate(self.loops.values(), start=1):
+                tg.start_soon(loop.run, loop_phase(i))
             self.api.ready = True
             log.info(
                 "coalmine started",

@@ -74,6 +74,11 @@ class Shared:
     clock: Callable[[], datetime]
     discovery_interval: timedelta
     fetch_timeout: float = 20.0
+    # Deployment reads in flight at once, over all loops. The rest wait here, at no cost:
+    # waiting in httpcore's pool instead, each request start and end rescans every waiting
+    # request, so 1,000 loops reading at once take seconds of CPU each and never catch up.
+    # 20 is httpx's kept-alive connections: none is opened and closed again.
+    reads: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(20))
 
 
 @dataclass
@@ -110,19 +115,23 @@ class ScriptLoop:
         active = self.state.phase in ACTIVE
         return self.policy.analysis.interval if active else self._shared.discovery_interval
 
-    async def run(self) -> None:
+    async def run(self, phase: float = 1.0) -> None:
         """Tick forever on schedule; a failed tick is logged and the next one comes.
 
         The schedule runs on the monotonic clock (a wall-clock step cannot stall it); ``now``
-        handed to the engine is the wall clock.
+        handed to the engine is the wall clock. The second tick comes ``phase`` (0 < phase ≤ 1)
+        of an interval after the first, and the rest one interval apart: loops started
+        together with different phases stay out of step, so their calls do not all go at once.
         """
         due = anyio.current_time()
+        share = phase
         while True:
             lateness = anyio.current_time() - due
             self._shared.metrics.tick_lateness.observe(max(0.0, lateness))
-            await self.tick_safely(self._shared.clock())
+            await self.tick_safely(scheduled(self._shared.clock(), lateness, self.interval))
             step = self.interval.total_seconds()
-            due += step
+            due += step * share
+            share = 1.0
             while due <= anyio.current_time():  # coalesce missed ticks
                 due += step
             with anyio.move_on_after(due - anyio.current_time()):
@@ -163,11 +172,10 @@ class ScriptLoop:
 
     async def tick(self, now: datetime) -> list[Decision]:
         """Reconcile, observe, decide, persist, act."""
-        shared = self._shared
         stuck = await self._apply_pending(now)
         # while a change is still pending the live split is in between: judging it as drift
         # would be wrong, but rules are still evaluated, so a rollback can still be decided
-        live = None if stuck else await shared.cloudflare.current(self.script)
+        live = None if stuck else await self._read_live()
         self._blocked = "a traffic change is still being applied" if stuck else None
         before = self.state
         pending, self._pending = self._pending, []
@@ -181,6 +189,11 @@ class ScriptLoop:
                     item.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                     item.done.set()
             raise
+
+    async def _read_live(self) -> LiveDeployment | None:
+        """The deployment serving traffic now, read once a slot among the loops is free."""
+        async with self._shared.reads:
+            return await self._shared.cloudflare.current(self.script)
 
     async def _apply_pending(self, now: datetime) -> bool:
         """Apply open traffic intents; True when one is still not applied (paged after a while)."""
@@ -385,6 +398,19 @@ class ScriptLoop:
             "rules": rules,
             "recent_decisions": [d.to_dict() for d in self.recent[-20:]],
         }
+
+
+def scheduled(now: datetime, lateness: float, interval: timedelta) -> datetime:
+    """The time a tick was due, when it runs a little late: ``now`` less the lateness.
+
+    A tick starts a few milliseconds after it is due. Judged at the wall clock, a rule's
+    ``for`` (a multiple of the interval) would end a hair after the tick due at its end, half
+    the time, and trip one interval late. Only small lateness is taken back (under a tenth of
+    the interval, at most a second); a tick that waited longer is judged when it runs.
+    """
+    if 0.0 < lateness < min(1.0, interval.total_seconds() / 10):
+        return now - timedelta(seconds=lateness)
+    return now
 
 
 def _compare_fields(track: RuleTrack) -> dict[str, Any]:
