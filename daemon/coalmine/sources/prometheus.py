@@ -120,19 +120,22 @@ class PrometheusSource:
             detail = _error_text(body) or f"HTTP {response.status_code}"
             raise Retryable(detail, after=_retry_after(response))
         if self._observe:
-            # a 200 is a healthy call only when it is Prometheus's own envelope: a proxy's
-            # page, or JSON of another shape, fails every query just the same
-            enveloped = isinstance(body, dict) and body.get("status") == "success"
-            if response.status_code != 200:
-                error = f"http_{response.status_code}"
-            elif not enveloped:
-                error = "bad_answer"
-            self._observe(self.name, elapsed, error)
+            self._observe(self.name, elapsed, _call_error(response.status_code, body))
         if body is None:
             raise BadAnswer(f"HTTP {response.status_code}: malformed answer (not JSON)")
         if response.status_code != 200:  # 4xx: Prometheus's own error, or a proxy's page
             raise BadAnswer(_error_text(body) or f"HTTP {response.status_code}")
         return body
+
+
+def _call_error(status: int, body: Any) -> str | None:
+    """How /health counts a non-retried answer: a 200 is a healthy call only when it is
+    Prometheus's own envelope (a proxy's page, or JSON of another shape, fails every query)."""
+    if status != 200:
+        return f"http_{status}"
+    if not (isinstance(body, dict) and body.get("status") == "success"):
+        return "bad_answer"
+    return None
 
 
 def _error_text(body: Any) -> str | None:
