@@ -4,7 +4,7 @@ Kills land where the simulator's fault queue pins the daemon (a deployments POST
 Cloudflare applies it: the intent persisted, the call not made; one Cloudflare applies but does
 not answer: the call made, not journaled; a page PagerDuty holds, or accepts without answering)
 and at random moments (seeded; the seed is in every assertion message and
-``COALMINE_CRASH_SEED=<seed>`` replays the choices) during holds, during pages, right after a
+``CRASH_TEST_SEED=<seed>`` replays the choices) during holds, during pages, right after a
 rollback trip and after a rollout ended. The assertions are invariants, true wherever a kill
 lands: the right split at the end, each deployment call made exactly once (none repeated, none
 missing), every intent finished with one journal entry, a journal whose hash chain verifies, and
@@ -40,7 +40,7 @@ from coalmine.store import Store
 from tests.integration.prometheus import binaries
 
 pytestmark = pytest.mark.anyio
-SEED = int(os.environ.get("COALMINE_CRASH_SEED") or random.SystemRandom().randrange(2**32))
+SEED = int(os.environ.get("CRASH_TEST_SEED") or random.SystemRandom().randrange(2**32))
 SCRIPT = "api"
 DEPLOYMENTS = f"/client/v4/accounts/*/workers/scripts/{SCRIPT}/deployments"
 # a random kill comes this many seconds after the daemon's start, or after it got ready
@@ -178,7 +178,7 @@ class Crashes:
         """What every assertion message carries: the seed, the kills so far, the log's tail."""
         tail = self.log.read_text(errors="replace").splitlines()[-12:] if self.log.exists() else []
         return (
-            f"\nseed {SEED} (COALMINE_CRASH_SEED={SEED} replays the kill choices)\n"
+            f"\nseed {SEED} (CRASH_TEST_SEED={SEED} replays the kill choices)\n"
             f"{self.summary()}\nlog tail ({self.log}):\n" + "\n".join(tail)
         )
 
