@@ -54,8 +54,8 @@ import anyio
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from coalmine import localprom
 from coalmine.app import open_daemon, prepare
+from coalmine.cli import localprom
 from coalmine.daemon import ScriptLoop
 from coalmine.engine import RolloutPhase
 from coalmine.engine.state import RuleStatus
@@ -448,7 +448,7 @@ def _summary(values: list[float]) -> tuple[float, float, float]:
 
 LIFTED_WINDOW = 1.0  # seconds: the token bucket's period in the "lifted" run (shipped: 300)
 BOOTSTRAP = (
-    "import sys, coalmine.ratelimit as r; r.WINDOW = {window!r}; "
+    "import sys, coalmine.cloudflare.budgets as r; r.WINDOW = {window!r}; "
     "from coalmine.cli import main; sys.exit(main(['run']))"
 )
 FOOTPRINT_TARGETS = {"cpu": 0.25, "rss_mb": 150.0, "p99": 0.25}

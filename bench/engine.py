@@ -46,12 +46,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from coalmine.cli.replay import parse_records, replay
 from coalmine.engine import Deployment, Engine, Observation, Options, RolloutPhase, RolloutState
 from coalmine.engine.judge import CompiledRule
 from coalmine.engine.model import Decision, Role, encode_float, format_time
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policy
-from coalmine.replay import parse_records, replay
 from machine import code_version, cpu_model, load
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -50,7 +50,7 @@ from pathlib import Path
 import anyio
 import httpx
 
-from coalmine import localprom
+from coalmine.cli import localprom
 from coalmine.simulator import Behaviour, LoggedRequest, RateLimits, Simulator
 from daemon import (
     BOOTSTRAP,

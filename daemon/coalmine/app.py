@@ -23,24 +23,24 @@ from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
 
 from coalmine import __version__
-from coalmine.actuator import Actuator
-from coalmine.api import Api
-from coalmine.cloudflare import CloudflareClient
+from coalmine.cloudflare.actuator import Actuator
+from coalmine.cloudflare.budgets import TokenBucket
+from coalmine.cloudflare.client import CloudflareClient
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
 from coalmine.errors import ConfigError, StoreError
-from coalmine.health import Health
-from coalmine.httpserver import serve
-from coalmine.metrics import Metrics
-from coalmine.notify import Outbox, Receivers
+from coalmine.notify.outbox import Outbox, Receivers
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policies
-from coalmine.ratelimit import TokenBucket
+from coalmine.server.api import Api
+from coalmine.server.health import Health
+from coalmine.server.httpserver import serve
+from coalmine.server.metrics import Metrics
 from coalmine.settings import Settings
 from coalmine.sources import Source
 from coalmine.sources.cloudflare import CloudflareAnalytics
 from coalmine.sources.prometheus import PrometheusSource
-from coalmine.store import Store, Verification, verify_file
+from coalmine.store.sqlite import Store, Verification, verify_file
 
 log = structlog.get_logger("coalmine")
 JOURNAL_CHECK_EVERY = 3600.0  # seconds between hash-chain checks of the journal

@@ -19,8 +19,8 @@ from typing import Any
 import anyio
 import structlog
 
-from coalmine.actuator import Actuator, Applied, intent_for, intents_for
-from coalmine.cloudflare import (
+from coalmine.cloudflare.actuator import Actuator, Applied, intent_for, intents_for
+from coalmine.cloudflare.client import (
     CloudflareClient,
     CloudflareError,
     LiveDeployment,
@@ -38,12 +38,12 @@ from coalmine.engine import (
 )
 from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
-from coalmine.health import Health
-from coalmine.metrics import Metrics
-from coalmine.notify import Outbox, notifications
+from coalmine.notify.outbox import Outbox, notifications
 from coalmine.policy import Policy, Rule
+from coalmine.server.health import Health
+from coalmine.server.metrics import Metrics
 from coalmine.sources import Source, Target
-from coalmine.store import Intent, NewEntry, NewNotification, Store
+from coalmine.store.sqlite import Intent, NewEntry, NewNotification, Store
 
 log = structlog.get_logger("coalmine")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from coalmine.cli import _parser
+from coalmine.cli.commands import _parser
 from coalmine.policyfile import parse_policy
 from tests.support import ROOT
 

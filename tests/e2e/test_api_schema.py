@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from schemathesis import checks
 from schemathesis.config import SchemathesisConfig
 
-from coalmine.openapi import OPENAPI_PATH, openapi_document
+from coalmine.server.openapi import OPENAPI_PATH, openapi_document
 from tests.e2e.harness import ADMIN_TOKEN, POLICY, Harness, harness, served
 
 SCRIPT = "api"  # the harness's one script
@@ -179,7 +179,7 @@ def test_with_no_token_configured_writes_are_refused(
 
 
 def test_the_served_document_is_the_packaged_one(admin: Live, session: requests.Session) -> None:
-    """GET /api/v1/openapi.json serves coalmine.openapi's document, as JSON."""
+    """GET /api/v1/openapi.json serves coalmine.server.openapi's document, as JSON."""
     response = session.get(admin.url + OPENAPI_PATH)
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"

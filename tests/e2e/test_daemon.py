@@ -205,8 +205,8 @@ async def test_prometheus_down_holds_and_pages_never_promotes_then_carries_on(
     tmp_path: Path,
 ) -> None:
     """Prometheus unreachable: inconclusive, hold, a warning page, no advance; back: it goes on."""
-    from coalmine.httpserver import Request, Response, serve
-    from coalmine.localprom import free_port
+    from coalmine.cli.localprom import free_port
+    from coalmine.server.httpserver import Request, Response, serve
 
     port = free_port()
 

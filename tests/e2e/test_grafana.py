@@ -7,11 +7,11 @@ import httpx
 import pytest
 
 from coalmine.app import build_sources
-from coalmine.cloudflare import CloudflareClient
-from coalmine.httpserver import Request, Response, serve
-from coalmine.localprom import free_port
+from coalmine.cli.localprom import free_port
+from coalmine.cloudflare.budgets import TokenBucket
+from coalmine.cloudflare.client import CloudflareClient
 from coalmine.policy import Rule
-from coalmine.ratelimit import TokenBucket
+from coalmine.server.httpserver import Request, Response, serve
 from coalmine.settings import load_settings
 from coalmine.simulator import Simulator
 from coalmine.sources import Target

@@ -14,9 +14,9 @@ import anyio
 import httpx
 import pytest
 
-from coalmine.localprom import free_port
+from coalmine.cli.localprom import free_port
 from coalmine.simulator import Simulator
-from coalmine.store import Store
+from coalmine.store.sqlite import Store
 
 pytestmark = pytest.mark.anyio
 TOKEN = "process-test-admin-token"

@@ -11,11 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from coalmine import localprom
 from coalmine.app import prepare
+from coalmine.cli import localprom
+from coalmine.cli.validate import NO_VERDICT, PROMOTED, ROLLED_BACK, validate
 from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, Simulator
-from coalmine.validate import NO_VERDICT, PROMOTED, ROLLED_BACK, validate
 from tests.integration.prometheus import binaries
 
 pytestmark = pytest.mark.anyio

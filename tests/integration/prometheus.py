@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from coalmine.localprom import free_port, wait_until_ready
+from coalmine.cli.localprom import free_port, wait_until_ready
 
 Series = tuple[str, dict[str, str], float]
 """A metric name, its labels, and how much it increases per second (a linear counter)."""

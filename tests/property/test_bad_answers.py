@@ -26,10 +26,10 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coalmine.cloudflare import CloudflareClient, CloudflareError
+from coalmine.cloudflare.budgets import TokenBucket
+from coalmine.cloudflare.client import CloudflareClient, CloudflareError
 from coalmine.engine import Observation
 from coalmine.policy import Rule
-from coalmine.ratelimit import TokenBucket
 from coalmine.retry import RetryPolicy
 from coalmine.sources import Target
 from coalmine.sources.cloudflare import CloudflareAnalytics

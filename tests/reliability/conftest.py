@@ -33,11 +33,11 @@ import anyio
 import httpx
 
 from coalmine.app import open_daemon, prepare
+from coalmine.cli.localprom import wait_until_ready
 from coalmine.engine import Decision, RolloutPhase
 from coalmine.errors import StoreError
-from coalmine.httpserver import Request, Response
-from coalmine.localprom import wait_until_ready
-from coalmine.notify import CHANGE_ACTIONS, SLACK_ACTIONS
+from coalmine.notify.outbox import CHANGE_ACTIONS, SLACK_ACTIONS
+from coalmine.server.httpserver import Request, Response
 from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, Service, Simulator, VirtualClock
 from tests.e2e.harness import ADMIN_TOKEN, START, Harness, virtual_sleep

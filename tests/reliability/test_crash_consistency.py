@@ -33,10 +33,10 @@ import anyio
 import httpx
 import pytest
 
-from coalmine import localprom
+from coalmine.cli import localprom
 from coalmine.simulator import Injection, Service, Simulator
 from coalmine.simulator.service import Action
-from coalmine.store import Store
+from coalmine.store.sqlite import Store
 from tests.integration.prometheus import binaries
 
 pytestmark = pytest.mark.anyio

@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from coalmine.cli.simulate import Behaviour, Script, Simulation, run, steady
 from coalmine.engine import Command
 from coalmine.policyfile import load_policy
-from coalmine.simulate import Behaviour, Script, Simulation, run, steady
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

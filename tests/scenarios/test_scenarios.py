@@ -145,7 +145,7 @@ def test_no_auto_promote_stops_before_advancing(capsys: pytest.CaptureFixture[st
 
 def test_scenarios_are_what_the_generator_writes() -> None:
     """The committed files are the simulator's output (regenerate with tests.scenarios.generate)."""
-    from coalmine.simulate import run
+    from coalmine.cli.simulate import run
     from tests.scenarios.generate import scenarios
 
     for name, sim in scenarios().items():

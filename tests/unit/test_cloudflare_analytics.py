@@ -11,10 +11,10 @@ import anyio
 import httpx
 import pytest
 
-from coalmine.cloudflare import CloudflareClient
+from coalmine.cloudflare.budgets import TokenBucket
+from coalmine.cloudflare.client import CloudflareClient
 from coalmine.engine import Observation
 from coalmine.policy import Rule
-from coalmine.ratelimit import TokenBucket
 from coalmine.retry import RetryPolicy
 from coalmine.sources import Target
 from coalmine.sources.cloudflare import CloudflareAnalytics

@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from coalmine.cloudflare import (
+from coalmine.cloudflare.budgets import TokenBucket
+from coalmine.cloudflare.client import (
     CloudflareClient,
     CloudflareError,
     LiveDeployment,
@@ -17,7 +18,6 @@ from coalmine.cloudflare import (
     to_engine,
 )
 from coalmine.engine import Deployment
-from coalmine.ratelimit import TokenBucket
 from coalmine.retry import RetryPolicy
 
 pytestmark = pytest.mark.anyio

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coalmine.cli.replay import parse_records, replay
 from coalmine.engine import Engine, Observation, RolloutState, RuleStatus
 from coalmine.engine.compare import GRID, Evidence, _log_e
 from coalmine.errors import PolicyError
 from coalmine.policyfile import parse_policy
-from coalmine.replay import parse_records, replay
 from tests.support import T0, Rollout, at, make_policy
 
 POLICY = """

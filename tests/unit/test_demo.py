@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from coalmine.cli import main
-from coalmine.demo import FAST_POLICY
+from coalmine.cli.demo import FAST_POLICY
 from tests.support import ROOT
 
 

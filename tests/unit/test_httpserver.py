@@ -6,7 +6,7 @@ import anyio
 import httpx
 import pytest
 
-from coalmine.httpserver import Request, Response, serve
+from coalmine.server.httpserver import Request, Response, serve
 
 pytestmark = pytest.mark.anyio
 

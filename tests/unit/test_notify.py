@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from coalmine.engine import Decision, RolloutState
-from coalmine.notify import Outbox, Receivers, notifications
-from coalmine.store import Store
+from coalmine.notify.outbox import Outbox, Receivers, notifications
+from coalmine.store.sqlite import Store
 from tests.support import at
 
 pytestmark = pytest.mark.anyio

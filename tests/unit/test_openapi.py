@@ -1,4 +1,4 @@
-"""The OpenAPI document against the routes coalmine.api actually serves."""
+"""The OpenAPI document against the routes coalmine.server.api actually serves."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import schemathesis
 from prometheus_client import CollectorRegistry
 
-from coalmine.api import Api
-from coalmine.health import Health
-from coalmine.httpserver import Request
-from coalmine.metrics import Metrics
-from coalmine.openapi import OPENAPI_PATH, openapi_document
+from coalmine.server.api import Api
+from coalmine.server.health import Health
+from coalmine.server.httpserver import Request
+from coalmine.server.metrics import Metrics
+from coalmine.server.openapi import OPENAPI_PATH, openapi_document
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 

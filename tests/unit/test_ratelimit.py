@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coalmine.ratelimit import TokenBucket
+from coalmine.cloudflare.budgets import TokenBucket
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ import anyio
 import httpx
 import pytest
 
-from coalmine.httpserver import Request, Response, serve
+from coalmine.server.httpserver import Request, Response, serve
 from coalmine.simulator import Behaviour, PagerDuty, Simulator, Slack, VirtualClock
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,7 @@ import pytest
 
 from coalmine.cli import main
 from coalmine.errors import StoreError
-from coalmine.store import MIGRATIONS, NewEntry, NewNotification, Store
+from coalmine.store.sqlite import MIGRATIONS, NewEntry, NewNotification, Store
 from tests.support import at
 
 

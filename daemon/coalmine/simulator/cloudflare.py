@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from coalmine.httpserver import Request, Response
+from coalmine.server.httpserver import Request, Response
 from coalmine.simulator import graphql
 from coalmine.simulator.deployments import (
     INVALID,

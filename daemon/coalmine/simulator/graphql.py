@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from coalmine.httpserver import Response
+from coalmine.server.httpserver import Response
 from coalmine.simulator.traffic import MinuteRow, World
 
 DATASET = "workersInvocationsAdaptive"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from coalmine.httpserver import Request, Response
+from coalmine.server.httpserver import Request, Response
 from coalmine.simulator.service import Service
 from coalmine.simulator.traffic import LATENCY_BUCKETS, Clock, Counters, World
 

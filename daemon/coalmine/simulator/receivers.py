@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from coalmine.httpserver import Request, Response
+from coalmine.server.httpserver import Request, Response
 from coalmine.simulator.service import Service, WindowLimiter, json_body, retry_after
 from coalmine.simulator.traffic import Clock
 

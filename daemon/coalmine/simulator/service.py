@@ -32,12 +32,12 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskStatus
 
-from coalmine.httpserver import Request, Response, serve
+from coalmine.server.httpserver import Request, Response, serve
 from coalmine.simulator.traffic import Clock
 
 Action = Literal["answer", "drop", "truncate", "hang", "apply_then_hang"]
 
-# coalmine.httpserver drops a connection, sending nothing, when a response cannot be framed;
+# coalmine.server.httpserver drops a connection, sending nothing, when a response cannot be framed;
 # a header value with a line break is such a response. That is how ``drop`` is made.
 _DROP = Response(599, b"", [("x-simulator-drop", "\r\n")])
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from coalmine.cloudflare import CloudflareClient, CloudflareError
+from coalmine.cloudflare.client import CloudflareClient, CloudflareError
 from coalmine.engine import Observation
 from coalmine.engine.model import format_time
 from coalmine.policy import Rule

@@ -1,8 +1,8 @@
 """Notifications: what a decision tells PagerDuty, Slack and Grafana, and their delivery.
 
 Decisions become outbox items in the same transaction as the state that made them (see
-:mod:`coalmine.store`); :class:`Outbox` delivers them in the background, retrying with backoff
-until each receiver accepts, across restarts. Payloads are stored *without* credentials (the
+:mod:`coalmine.store.sqlite`); :class:`Outbox` delivers them in the background, retrying with
+backoff until each receiver accepts, across restarts. Payloads are stored *without* credentials (the
 routing key, the webhook URL and the Grafana token are added at send time), so the outbox
 never holds a secret.
 
@@ -30,7 +30,7 @@ import structlog
 from coalmine.engine import Decision, RolloutState
 from coalmine.engine.model import format_time
 from coalmine.errors import StoreError
-from coalmine.store import NewNotification, OutboxItem, Store
+from coalmine.store.sqlite import NewNotification, OutboxItem, Store
 
 log = structlog.get_logger("coalmine")
 SUMMARY_LIMIT = 1024

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from coalmine.cloudflare import CloudflareClient, CloudflareError, LiveDeployment
+from coalmine.cloudflare.client import CloudflareClient, CloudflareError, LiveDeployment
 from coalmine.engine import Decision
-from coalmine.store import Intent, NewEntry, NewIntent, Store
+from coalmine.store.sqlite import Intent, NewEntry, NewIntent, Store
 
 TRAFFIC_ACTIONS = ("set_traffic", "promote", "rollback")
 

@@ -20,9 +20,9 @@ from typing import Any
 import anyio
 import httpx
 
+from coalmine.cloudflare.budgets import Kind, TokenBucket
 from coalmine.engine import Deployment
 from coalmine.errors import RemoteError
-from coalmine.ratelimit import Kind, TokenBucket
 from coalmine.retry import Retryable, RetryPolicy, with_retries
 
 SECRETS_CHANGED = 10220  # rolling back to a version older than a secret change needs force=true

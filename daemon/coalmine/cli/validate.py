@@ -19,12 +19,12 @@ from typing import TextIO
 import anyio
 
 from coalmine.app import open_daemon
+from coalmine.cli.replay import format_table
 from coalmine.engine import Decision
 from coalmine.errors import ConfigError
 from coalmine.policy import Policy
-from coalmine.replay import format_table
 from coalmine.settings import Settings
-from coalmine.store import Store
+from coalmine.store.sqlite import Store
 
 PROMOTED, ROLLED_BACK, NO_VERDICT = 0, 1, 3
 STATUS_EVERY = 60.0

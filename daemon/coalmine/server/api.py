@@ -6,7 +6,7 @@ refused. Reads are open: bind to loopback (the default) or put coalmine behind y
 policy.
 
 Requests are routed through one table of ``(method, path template)``; the OpenAPI document in
-:mod:`coalmine.openapi` (served at ``/api/v1/openapi.json``) describes exactly that table. A
+:mod:`coalmine.server.openapi` (served at ``/api/v1/openapi.json``) describes exactly that table. A
 known path with another method is 405 with ``Allow``; GET routes answer HEAD too.
 """
 
@@ -25,10 +25,10 @@ from coalmine import __version__
 from coalmine.daemon import CommandFailed, CommandQueued, ScriptLoop
 from coalmine.engine import Command
 from coalmine.engine.model import CommandKind, encode_float
-from coalmine.health import Health
-from coalmine.httpserver import Request, Response
-from coalmine.metrics import Metrics
-from coalmine.openapi import OPENAPI_PATH, openapi_document
+from coalmine.server.health import Health
+from coalmine.server.httpserver import Request, Response
+from coalmine.server.metrics import Metrics
+from coalmine.server.openapi import OPENAPI_PATH, openapi_document
 
 COMMANDS: tuple[CommandKind, ...] = get_args(CommandKind)
 PREFIX = "/api/v1/rollouts"

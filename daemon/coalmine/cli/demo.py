@@ -25,16 +25,16 @@ from typing import TextIO
 
 import anyio
 
-from coalmine import localprom
 from coalmine.app import open_daemon, prepare
+from coalmine.cli import localprom
+from coalmine.cli.replay import format_table
+from coalmine.cli.simulate import Behaviour as ReplayBehaviour
+from coalmine.cli.simulate import Simulation, run, steady
 from coalmine.daemon import ScriptLoop
 from coalmine.engine import RolloutPhase, RolloutState
 from coalmine.logs import configure as configure_logging
 from coalmine.policyfile import parse_policy
-from coalmine.replay import format_table
 from coalmine.settings import load_settings
-from coalmine.simulate import Behaviour as ReplayBehaviour
-from coalmine.simulate import Simulation, run, steady
 from coalmine.simulator import Behaviour, Fault, Simulator
 
 FAST_POLICY = """\

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from coalmine.cli.replay import Record
 from coalmine.engine import Command, Decision, Deployment, Engine, Observation, RolloutPhase
 from coalmine.engine.judge import CompiledRule
 from coalmine.policy import Policy, Rule
-from coalmine.replay import Record
 
 DEFAULT_START = datetime.fromisoformat("2026-03-03T18:00:00+00:00")
 

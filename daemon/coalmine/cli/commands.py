@@ -12,19 +12,20 @@ from pathlib import Path
 
 import anyio
 
-from coalmine import __version__, client
+from coalmine import __version__
 from coalmine.app import prepare, run_until_signalled
-from coalmine.demo import run_demo
+from coalmine.cli import client
+from coalmine.cli.demo import run_demo
+from coalmine.cli.replay import format_table, parse_records, replay
+from coalmine.cli.validate import validate
 from coalmine.durations import parse_duration
 from coalmine.engine import Engine, Options
 from coalmine.errors import CoalmineError, ConfigError, LocalError, PolicyError, ReplayFormatError
 from coalmine.logs import configure as configure_logging
 from coalmine.policy import json_schema
 from coalmine.policyfile import load_policies, load_policy
-from coalmine.replay import format_table, parse_records, replay
 from coalmine.settings import Settings, env_name, load_settings
-from coalmine.store import Store
-from coalmine.validate import validate
+from coalmine.store.sqlite import Store
 
 EXIT_LOCAL_ERROR = 2
 EXIT_INTERNAL = 70
