@@ -40,7 +40,8 @@ from coalmine.settings import Settings
 from coalmine.sources import Source
 from coalmine.sources.cloudflare import CloudflareAnalytics
 from coalmine.sources.prometheus import PrometheusSource
-from coalmine.store.sqlite import Store, Verification, verify_file
+from coalmine.store import StateStore, open_store
+from coalmine.store.records import Verification
 
 log = structlog.get_logger("coalmine")
 JOURNAL_CHECK_EVERY = 3600.0  # seconds between hash-chain checks of the journal
@@ -132,7 +133,7 @@ class Daemon:
     """Everything a running coalmine is made of; built by :func:`open_daemon`."""
 
     settings: Settings
-    store: Store
+    store: StateStore
     shared: Shared
     loops: dict[str, ScriptLoop]
     api: Api
@@ -169,10 +170,10 @@ class Daemon:
             )
             task_status.started(bound)
 
-    def verify_journal(self) -> bool:
+    async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""
         try:
-            result = self.store.verify_journal()
+            result = await self.store.verify_journal()
         except StoreError as exc:
             log.error("journal could not be read for verification", error=str(exc))
             return False
@@ -191,7 +192,7 @@ class Daemon:
         """Verify the journal at start-up and then every ``seconds``, off the event loop."""
         while True:
             try:
-                result = await anyio.to_thread.run_sync(verify_file, self.store.path)
+                result = await self.store.verify_journal()
             except StoreError as exc:
                 log.error("journal could not be read for verification", error=str(exc))
             else:
@@ -216,7 +217,8 @@ async def open_daemon(
     monotonic = time.monotonic if clock is _now else (lambda: clock().timestamp())
     options = Options(settings.auto_rollback, settings.auto_promote, settings.dry_run)
     async with AsyncExitStack() as stack:
-        store = stack.enter_context(Store(settings.state_path))
+        store = open_store(settings.state_url)
+        stack.push_async_callback(store.aclose)
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, verify=True))
         metrics = Metrics(CollectorRegistry())
         health = Health(monotonic)  # failing-for times and the unhealthy limit in the daemon's time
@@ -261,7 +263,7 @@ async def open_daemon(
             clock,
             settings.discovery_interval,
         )
-        saved = store.states()
+        saved = await store.states()
         loops = {}
         for policy in policies:
             engine = Engine(policy, options)
@@ -272,7 +274,7 @@ async def open_daemon(
                     else engine.new_state(script)
                 )
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
-        api = Api(loops, metrics, health, _secret(settings.admin_token), store.backlog)
+        api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
         yield Daemon(settings, store, shared, loops, api, outbox, metrics, health)
 
 

@@ -43,7 +43,8 @@ from coalmine.policy import Policy, Rule
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
 from coalmine.sources import Source, Target
-from coalmine.store.sqlite import Intent, NewEntry, NewNotification, Store
+from coalmine.store.base import StateStore
+from coalmine.store.records import Intent, NewEntry, NewNotification
 
 log = structlog.get_logger("coalmine")
 
@@ -64,7 +65,7 @@ ACTIVE = (RolloutPhase.CANARY, RolloutPhase.PAUSED, RolloutPhase.PROMOTED, Rollo
 class Shared:
     """What every script's loop uses."""
 
-    store: Store
+    store: StateStore
     cloudflare: CloudflareClient
     actuator: Actuator
     sources: dict[str, Source]
@@ -210,7 +211,7 @@ class ScriptLoop:
             ):
                 # decided at an earlier tick, live only now: its step counts from now
                 state = self.engine.traffic_took_effect(self.state, now).state
-                shared.store.commit(self.script, state.to_json(), [], [], now)
+                await shared.store.commit(self.script, state.to_json(), [], [], now)
                 self.state = state
             if isinstance(applied, Exception):
                 stuck = (intent, applied)
@@ -225,12 +226,12 @@ class ScriptLoop:
             and not self._stuck_paged
             and now - stuck[0].created_at >= STUCK_PAGE_AFTER
         ):
-            self._notify_stuck(now, *stuck)
+            await self._notify_stuck(now, *stuck)
         elif stuck is None and self._stuck_paged:
-            self._notify_stuck(now)
+            await self._notify_stuck(now)
         return stuck is not None
 
-    def _notify_stuck(
+    async def _notify_stuck(
         self, now: datetime, intent: Intent | None = None, error: Exception | None = None
     ) -> None:
         """Page (critical) that a traffic change cannot be applied, or resolve that page."""
@@ -255,7 +256,7 @@ class ScriptLoop:
                 },
             }
         note = NewNotification("pagerduty", event, key)
-        self._shared.store.commit(self.script, self.state.to_json(), [], [note], now)
+        await self._shared.store.commit(self.script, self.state.to_json(), [], [note], now)
         self._stuck_paged = intent is not None
         self._shared.outbox.wake()
 
@@ -294,7 +295,7 @@ class ScriptLoop:
         live: LiveDeployment | None,
     ) -> list[Decision]:
         shared = self._shared
-        self._persist(before, state, decisions, now, live)
+        await self._persist(before, state, decisions, now, live)
         for item in pending:
             item.done.set()
         if decisions:
@@ -318,7 +319,7 @@ class ScriptLoop:
                     )
         return decisions
 
-    def _persist(
+    async def _persist(
         self,
         before: RolloutState,
         state: RolloutState,
@@ -328,7 +329,7 @@ class ScriptLoop:
     ) -> None:
         entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
         intents = intents_for(decisions, live)
-        self._shared.store.commit(
+        await self._shared.store.commit(
             self.script, state.to_json(), entries, notifications(decisions, before), now, intents
         )
         self.state = state

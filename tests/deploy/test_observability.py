@@ -419,8 +419,8 @@ async def test_dashboard_and_alerts_use_only_what_coalmine_exports(tmp_path: Pat
         await h.run_until(
             lambda h: (
                 h.phase is RolloutPhase.ROLLED_BACK
-                and not h.daemon.store.open_intents()
-                and h.daemon.store.backlog() == 0
+                and not h.db.open_intents()
+                and h.db.backlog() == 0
             ),
             limit=timedelta(minutes=30),
         )

@@ -22,6 +22,7 @@ from coalmine.engine import Decision, RolloutPhase
 from coalmine.server.httpserver import serve
 from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, Simulator, VirtualClock
+from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
 
 START = datetime(2026, 3, 3, 18, 0, tzinfo=UTC)  # Tuesday 10:00 in Los Angeles
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
@@ -64,6 +65,13 @@ class Harness:
     stable: str
     canary: str
     decisions: list[Decision]
+
+    @property
+    def db(self) -> SqliteStore:
+        """The daemon's database, for synchronous checks between ticks."""
+        store = self.daemon.store
+        assert isinstance(store, ThreadedSqlite)
+        return store.sync
 
     @property
     def loop(self) -> Any:

@@ -42,8 +42,8 @@ async def test_healthy_canary_is_promoted_with_exact_deployment_calls(tmp_path: 
             },
         ]
         assert h.actions() == ["start", "set_traffic", "promote", "complete"]
-        assert h.daemon.store.verify_journal().ok
-        assert h.daemon.store.backlog() == 0
+        assert h.db.verify_journal().ok
+        assert h.db.backlog() == 0
         assert [a["tags"] for a in h.sim.annotations] == [["coalmine", "api", "promoted"]]
 
 
@@ -88,7 +88,7 @@ async def test_dry_run_never_writes(tmp_path: Path) -> None:
         await h.run_until(lambda h: "promote" in h.actions(), timedelta(hours=1))
         assert h.sim.deployment_posts("api") == []
         assert all(d.dry_run for d in h.decisions if d.action in ("set_traffic", "promote"))
-        assert h.daemon.store.open_intents() == []
+        assert h.db.open_intents() == []
 
 
 async def test_manual_change_makes_coalmine_stand_down(tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ async def test_rollback_after_429_is_applied_after_retry_after(tmp_path: Path) -
             times=1,
         )
         await h.run_until(lambda h: h.phase is P.ROLLED_BACK, timedelta(minutes=20))
-        assert h.daemon.store.open_intents() == []
+        assert h.db.open_intents() == []
         posts = h.sim.deployment_posts("api")
         assert posts[-1]["versions"] == [{"version_id": h.stable, "percentage": 100}]  # type: ignore[index]
         statuses = [
@@ -133,7 +133,7 @@ async def test_intent_left_open_by_a_crash_is_applied_once_on_restart(tmp_path: 
     async with harness(tmp_path) as h:
         h.sim.cloudflare.inject(method="POST", path="*/deployments", status=503, times=None)
         await h.run_until(lambda h: h.loop.state.canary_percent == 50, timedelta(minutes=20))
-        assert len(h.daemon.store.open_intents()) == 1  # decided and recorded, not applied
+        assert len(h.db.open_intents()) == 1  # decided and recorded, not applied
         h.sim.cloudflare.faults.clear()
         # "restart": a second daemon on the same state database reconciles before anything else
         from coalmine.app import open_daemon, prepare
@@ -143,21 +143,21 @@ async def test_intent_left_open_by_a_crash_is_applied_once_on_restart(tmp_path: 
             outcomes = await again.shared.actuator.reconcile("api")
             assert [type(o).__name__ for _, o in outcomes] == ["Applied"]
             assert again.loops["api"].state.canary_percent == 50
-            assert again.store.open_intents() == []
+            assert again.store.sync.open_intents() == []
         ok_posts = [
             r
             for r in h.sim.cloudflare.requests
             if r.method == "POST" and r.path.endswith("/deployments") and r.status == 200
         ]
         assert len(ok_posts) == 1
-        assert h.daemon.store.verify_journal().ok
+        assert h.db.verify_journal().ok
 
 
 async def test_intent_already_live_after_a_crash_is_not_repeated(tmp_path: Path) -> None:
     """An intent whose change is already live (crash after the call) is recorded, not re-sent."""
     async with harness(tmp_path) as h:
         await h.tick()
-        store = h.daemon.store
+        store = h.db
         intent_id = store.begin_intent(
             "api",
             "set_traffic",
@@ -283,8 +283,8 @@ async def test_locked_database_skips_the_tick_reports_degraded_and_loses_nothing
 
     async with harness(tmp_path) as h:
         await h.tick()
-        h.daemon.store._db.execute("PRAGMA busy_timeout = 200")
-        locker = sqlite3.connect(h.daemon.store.path, isolation_level=None)
+        h.db._db.execute("PRAGMA busy_timeout = 200")
+        locker = sqlite3.connect(h.db.path, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
         try:
             await h.run_until(lambda h: h.daemon.health.status == "degraded", timedelta(minutes=10))
@@ -295,8 +295,8 @@ async def test_locked_database_skips_the_tick_reports_degraded_and_loses_nothing
             locker.close()
         await h.run_until(lambda h: h.loop.state.canary_percent == 50, timedelta(minutes=20))
         assert h.daemon.health.status == "healthy"
-        assert h.daemon.store.verify_journal().ok
-        assert [e.action for e in h.daemon.store.journal()][:2] == ["start", "set_traffic"]
+        assert h.db.verify_journal().ok
+        assert [e.action for e in h.db.journal()][:2] == ["start", "set_traffic"]
 
 
 async def test_a_change_cloudflare_keeps_refusing_does_not_stop_a_rollback(tmp_path: Path) -> None:
@@ -327,7 +327,7 @@ async def test_a_change_cloudflare_keeps_refusing_does_not_stop_a_rollback(tmp_p
             {"version_id": h.canary, "percentage": 50},
             {"version_id": h.stable, "percentage": 50},
         ] not in posted[-1:]
-        assert h.daemon.store.open_intents() == []
+        assert h.db.open_intents() == []
         assert h.sim.pagerduty.alert("coalmine/api/actuator").status == "resolved"  # type: ignore[union-attr]
 
 
@@ -342,7 +342,7 @@ async def test_a_pending_change_never_undoes_a_manual_rollback(tmp_path: Path) -
         for _ in range(4):
             await h.tick()
         assert h.sim.cloudflare.current("api").split == {h.stable: 100}
-        assert h.daemon.store.open_intents() == []
-        assert [e.action for e in h.daemon.store.journal()].count("superseded") == 1
+        assert h.db.open_intents() == []
+        assert [e.action for e in h.db.journal()].count("superseded") == 1
         assert h.phase is P.STOOD_DOWN
         assert h.actions().count("warn") == 1

@@ -159,14 +159,14 @@ async def test_journal_verification_is_exported(tmp_path: Path) -> None:
     async with harness(tmp_path) as h, served(h) as client:
         for _ in range(3):
             await h.tick()
-        assert h.daemon.verify_journal()
+        assert await h.daemon.verify_journal()
         intact = (await client.get("/metrics")).text
-        db = sqlite3.connect(h.daemon.store.path)
+        db = sqlite3.connect(h.db.path)
         db.executescript(
             "DROP TRIGGER journal_no_update; UPDATE journal SET actor = 'mallory' WHERE seq = 1;"
         )
         db.close()
-        assert not h.daemon.verify_journal()
+        assert not await h.daemon.verify_journal()
         broken = (await client.get("/metrics")).text
     assert "coalmine_journal_verified 1.0" in intact
     assert "coalmine_journal_verified 0.0" in broken
@@ -207,8 +207,8 @@ async def test_no_secret_reaches_metrics_health_journal_outbox_or_logs(
             "/api/v1/rollouts/api/pause", headers={"Authorization": "Bearer wrong-token"}
         )
         texts = [(await client.get(p)).text for p in ("/metrics", "/health", "/api/v1/rollouts")]
-        texts += [json.dumps(e.to_dict()) for e in h.daemon.store.journal()]
-        db = sqlite3.connect(h.daemon.store.path)
+        texts += [json.dumps(e.to_dict()) for e in h.db.journal()]
+        db = sqlite3.connect(h.db.path)
         texts += [
             row[0] + str(row[1]) for row in db.execute("SELECT payload, last_error FROM outbox")
         ]

@@ -16,7 +16,7 @@ import pytest
 
 from coalmine.cli.localprom import free_port
 from coalmine.simulator import Simulator
-from coalmine.store.sqlite import Store
+from coalmine.store.sqlite import SqliteStore as Store
 
 pytestmark = pytest.mark.anyio
 TOKEN = "process-test-admin-token"

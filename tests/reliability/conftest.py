@@ -367,7 +367,7 @@ def _json(value: Any) -> Any:
 def assert_journal_complete(h: Harness) -> None:
     """The chain verifies; the journal holds exactly the decisions made, in order; each traffic
     decision was carried out and recorded once."""
-    store = h.daemon.store
+    store = h.db
     verification = store.verify_journal()
     assert verification.ok, verification.problem
     entries = list(store.journal())
@@ -381,7 +381,7 @@ def assert_journal_complete(h: Harness) -> None:
 
 def assert_delivered_once(h: Harness) -> None:
     """Every notification the decisions called for reached its receiver exactly once."""
-    assert h.daemon.store.backlog() == 0
+    assert h.db.backlog() == 0
     decided = h.decisions
     expected_pages = Counter(
         (d.dedup_key, "trigger" if d.action == "page" else "resolve")

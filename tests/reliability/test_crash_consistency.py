@@ -36,7 +36,7 @@ import pytest
 from coalmine.cli import localprom
 from coalmine.simulator import Injection, Service, Simulator
 from coalmine.simulator.service import Action
-from coalmine.store.sqlite import Store
+from coalmine.store.sqlite import SqliteStore as Store
 from tests.integration.prometheus import binaries
 
 pytestmark = pytest.mark.anyio

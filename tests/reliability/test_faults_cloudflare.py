@@ -152,10 +152,10 @@ async def test_connection_reset_on_a_traffic_change_applies_it_once(tmp_path: Pa
         h.sim.cloudflare.inject(method="POST", path="*/deployments", action="drop", times=1)
         await h.run_until(lambda h: "set_traffic" in h.actions(), timedelta(minutes=10))
         assert traffic_posts(h) == [None]
-        assert len(h.daemon.store.open_intents()) == 1
+        assert len(h.db.open_intents()) == 1
         assert_degraded(await health(client), "cloudflare")
 
-        await h.run_until(lambda h: h.daemon.store.open_intents() == [], timedelta(minutes=2))
+        await h.run_until(lambda h: h.db.open_intents() == [], timedelta(minutes=2))
         assert traffic_posts(h) == [None, 200]
         assert h.sim.cloudflare.current(SCRIPT).split == {CANARY: 50, STABLE: 50}
         assert_healthy(await health(client))
@@ -172,9 +172,9 @@ async def test_truncated_answer_to_a_traffic_change_is_not_repeated(tmp_path: Pa
         assert traffic_posts(h) == [200]
         assert_degraded(await health(client), "cloudflare")
 
-        await h.run_until(lambda h: h.daemon.store.open_intents() == [], timedelta(minutes=2))
+        await h.run_until(lambda h: h.db.open_intents() == [], timedelta(minutes=2))
         assert traffic_posts(h) == [200]
-        applied = [e.body["outcome"] for e in h.daemon.store.journal() if e.action == "applied"]
+        applied = [e.body["outcome"] for e in h.db.journal() if e.action == "applied"]
         assert applied == ["already live"]
         await h.run_until(lambda h: h.phase is RolloutPhase.IDLE, timedelta(minutes=10))
         assert traffic_posts(h) == [200, 200]
@@ -209,7 +209,7 @@ async def test_writes_refused_for_minutes_apply_the_change_once_and_page_meanwhi
             "trigger"
         ]
 
-        await h.run_until(lambda h: h.daemon.store.open_intents() == [], timedelta(minutes=2))
+        await h.run_until(lambda h: h.db.open_intents() == [], timedelta(minutes=2))
         took_effect = h.clock()
         assert traffic_posts(h).count(200) == 1
         assert h.sim.cloudflare.current(SCRIPT).split == {CANARY: 50, STABLE: 50}

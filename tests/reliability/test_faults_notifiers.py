@@ -121,7 +121,7 @@ async def test_receiver_outage_delays_no_rollback_and_delivers_everything_once(
         during = await health(client)
         for check in checks:
             assert_degraded(during, check)
-        waiting = h.daemon.store.backlog()
+        waiting = h.db.backlog()
         assert waiting > 0
         assert during["outbox_backlog"] == waiting
         if "pagerduty" in checks:
@@ -130,7 +130,7 @@ async def test_receiver_outage_delays_no_rollback_and_delivers_everything_once(
             assert h.sim.slack_messages == []
 
         await end(h)
-        await h.run_until(lambda h: h.daemon.store.backlog() == 0, timedelta(minutes=10))
+        await h.run_until(lambda h: h.db.backlog() == 0, timedelta(minutes=10))
         assert_healthy(await health(client))
         assert_delivered_once(h)
         assert_journal_complete(h)

@@ -79,15 +79,15 @@ async def test_database_locked_when_the_step_is_due_changes_nothing_until_releas
         served(h) as client,
     ):
         await h.ticks(2, held_at=10)
-        journaled = len(list(h.daemon.store.journal()))
-        with write_lock(h.daemon.store.path):
+        journaled = len(list(h.db.journal()))
+        with write_lock(h.db.path):
             await h.tick()
             step_started = h.loop.state.step_started_at
             assert step_started is not None and step_started + HOLD <= h.clock()  # was due
             await h.tick()
             assert_held(h, 10)
             assert traffic_posts(h) == []
-            assert len(list(h.daemon.store.journal())) == journaled
+            assert len(list(h.db.journal())) == journaled
             assert_degraded(await health(client), "state_store")
 
         await h.tick()
@@ -109,8 +109,8 @@ async def test_writes_failing_for_minutes_degrade_then_unhealthy_then_recover(
         served(h) as client,
     ):
         await h.ticks(1, held_at=10)
-        journaled = len(list(h.daemon.store.journal()))
-        with failing_writes(h.daemon.store.path):
+        journaled = len(list(h.db.journal()))
+        with failing_writes(h.db.path):
             await h.ticks(2, held_at=10)
             assert_degraded(await health(client), "state_store")
             await h.ticks(10, held_at=10)
@@ -118,8 +118,8 @@ async def test_writes_failing_for_minutes_degrade_then_unhealthy_then_recover(
             assert body["status"] == "unhealthy"
             assert body["checks"]["state_store"]["status"] == "failing"
             assert traffic_posts(h) == []
-            assert len(list(h.daemon.store.journal())) == journaled
-            assert h.daemon.store.open_intents() == []
+            assert len(list(h.db.journal())) == journaled
+            assert h.db.open_intents() == []
 
         await h.tick()
         assert h.actions()[-1] == "set_traffic"
@@ -136,12 +136,12 @@ async def test_a_message_sent_while_writes_fail_is_not_sent_again(tmp_path: Path
     async with fault_harness(tmp_path, policy=PROMETHEUS_POLICY, fake_prometheus=True) as h:
         await h.sim.slack.go_down()
         await h.ticks(1, held_at=10)
-        assert h.daemon.store.backlog() == 1  # the "start" message
-        with failing_writes(h.daemon.store.path):
+        assert h.db.backlog() == 1  # the "start" message
+        with failing_writes(h.db.path):
             await h.sim.slack.go_up()
             await h.ticks(4, held_at=10)
             assert len(h.sim.slack_messages) == 1
-        await h.run_until(lambda h: h.daemon.store.backlog() == 0, timedelta(minutes=2))
+        await h.run_until(lambda h: h.db.backlog() == 0, timedelta(minutes=2))
         await h.run_until(lambda h: "complete" in h.actions(), timedelta(minutes=5))
         assert_journal_complete(h)
         assert_delivered_once(h)

@@ -10,7 +10,8 @@ import pytest
 
 from coalmine.engine import Decision, RolloutState
 from coalmine.notify.outbox import Outbox, Receivers, notifications
-from coalmine.store.sqlite import Store
+from coalmine.store.sqlite import SqliteStore as Store
+from coalmine.store.sqlite import ThreadedSqlite
 from tests.support import at
 
 pytestmark = pytest.mark.anyio
@@ -96,7 +97,12 @@ async def test_outbox_retries_until_delivered_and_adds_credentials(tmp_path) -> 
 
     clock = [at(0)]
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        outbox = Outbox(store, http, Receivers("http://pd", ROUTING_KEY, WEBHOOK), lambda: clock[0])
+        outbox = Outbox(
+            ThreadedSqlite(store),
+            http,
+            Receivers("http://pd", ROUTING_KEY, WEBHOOK),
+            lambda: clock[0],
+        )
         assert await outbox.deliver_due() == 0
         assert store.backlog() == 1
         assert await outbox.deliver_due() == 0  # not due yet: backoff
@@ -118,7 +124,7 @@ async def test_unconfigured_channels_are_skipped(tmp_path) -> None:  # type: ign
         raise AssertionError("no call expected")
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        outbox = Outbox(store, http, Receivers(), lambda: at(0))
+        outbox = Outbox(ThreadedSqlite(store), http, Receivers(), lambda: at(0))
         assert await outbox.deliver_due() == 1
 
 
@@ -131,6 +137,8 @@ async def test_a_receiver_answering_garbage_encoding_is_retried_not_fatal(tmp_pa
         return httpx.Response(202, headers={"content-encoding": "gzip"}, content=b"not gzip at all")
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        outbox = Outbox(store, http, Receivers("http://pd", ROUTING_KEY), lambda: at(0))
+        outbox = Outbox(
+            ThreadedSqlite(store), http, Receivers("http://pd", ROUTING_KEY), lambda: at(0)
+        )
         assert await outbox.deliver_due() == 0
     assert store.backlog() == 1

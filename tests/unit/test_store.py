@@ -11,7 +11,9 @@ import pytest
 
 from coalmine.cli import main
 from coalmine.errors import StoreError
-from coalmine.store.sqlite import MIGRATIONS, NewEntry, NewNotification, Store
+from coalmine.store.records import NewEntry, NewNotification
+from coalmine.store.sqlite import MIGRATIONS
+from coalmine.store.sqlite import SqliteStore as Store
 from tests.support import at
 
 

@@ -25,7 +25,7 @@ from coalmine.logs import configure as configure_logging
 from coalmine.policy import json_schema
 from coalmine.policyfile import load_policies, load_policy
 from coalmine.settings import Settings, env_name, load_settings
-from coalmine.store.sqlite import Store
+from coalmine.store.sqlite import SqliteStore
 
 EXIT_LOCAL_ERROR = 2
 EXIT_INTERNAL = 70
@@ -188,11 +188,11 @@ def _command(args: argparse.Namespace) -> int:
     return client.command(load_settings(), args.url, args.script, args.kind, args.version)
 
 
-def _open_store(args: argparse.Namespace) -> Store:
+def _open_store(args: argparse.Namespace) -> SqliteStore:
     path = Path(args.state) if args.state else load_settings().state_path
     if not path.is_file():
         raise ConfigError(f"no state database at {path} (set COALMINE_STATE_URL or --state)")
-    return Store(path)
+    return SqliteStore(path)
 
 
 def _journal_verify(args: argparse.Namespace) -> int:

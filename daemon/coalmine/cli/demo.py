@@ -234,13 +234,13 @@ async def _live(out: TextIO) -> int:
                 await _follow(loop, out, rolled_back)
             print(file=out)
             with anyio.move_on_after(10):  # let the last notifications reach the receivers
-                while daemon.store.backlog():
+                while await daemon.store.backlog():
                     await daemon.outbox.deliver_due()
                     await anyio.sleep(0.1)
             pages = [p for p in sim.pages if p.get("event_action") == "trigger"]
             print(
                 f"PagerDuty received {len(pages)} page(s); Slack {len(sim.slack_messages)} message(s); "
-                f"Grafana {len(sim.annotations)} annotation(s). Journal: {daemon.store.verify_journal().entries} "
+                f"Grafana {len(sim.annotations)} annotation(s). Journal: {(await daemon.store.verify_journal()).entries} "
                 f"entries, chain verified.",
                 file=out,
             )

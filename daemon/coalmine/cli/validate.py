@@ -24,7 +24,7 @@ from coalmine.engine import Decision
 from coalmine.errors import ConfigError
 from coalmine.policy import Policy
 from coalmine.settings import Settings
-from coalmine.store.sqlite import Store
+from coalmine.store.base import StateStore
 
 PROMOTED, ROLLED_BACK, NO_VERDICT = 0, 1, 3
 STATUS_EVERY = 60.0
@@ -89,10 +89,10 @@ async def validate(
     return verdict
 
 
-async def _landed(store: Store, script: str, seconds: float) -> bool:
+async def _landed(store: StateStore, script: str, seconds: float) -> bool:
     """Wait until no traffic change of the script is pending (the verdict is live)."""
     with anyio.move_on_after(seconds):
-        while any(i.script == script for i in store.open_intents()):
+        while any(i.script == script for i in await store.open_intents()):
             await anyio.sleep(0.2)
         return True
     return False

@@ -18,7 +18,8 @@ from typing import Any
 
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError, LiveDeployment
 from coalmine.engine import Decision
-from coalmine.store.sqlite import Intent, NewEntry, NewIntent, Store
+from coalmine.store.base import StateStore
+from coalmine.store.records import Intent, NewEntry, NewIntent
 
 TRAFFIC_ACTIONS = ("set_traffic", "promote", "rollback")
 
@@ -78,7 +79,7 @@ class Actuator:
     """Applies stored intents against the live deployment."""
 
     def __init__(
-        self, client: CloudflareClient, store: Store, clock: Callable[[], datetime]
+        self, client: CloudflareClient, store: StateStore, clock: Callable[[], datetime]
     ) -> None:
         self._client = client
         self._store = store
@@ -101,7 +102,7 @@ class Actuator:
             # someone changed the split since coalmine decided: do not undo their change;
             # the engine will see the live split differ from what it set (drift) and stand down
             outcome = "superseded: the live deployment changed by hand"
-            self._finish(intent, live, outcome)
+            await self._finish(intent, live, outcome)
             return Applied(live, outcome)
         else:
             result = await self._client.deploy(
@@ -112,10 +113,10 @@ class Actuator:
                 got = check.versions if check else "nothing"
                 raise CloudflareError(f"deployment not live after creating it: read back {got}")
             outcome = "applied"
-        self._finish(intent, result, outcome)
+        await self._finish(intent, result, outcome)
         return Applied(result, outcome)
 
-    def _finish(self, intent: Intent, live: LiveDeployment, outcome: str) -> None:
+    async def _finish(self, intent: Intent, live: LiveDeployment, outcome: str) -> None:
         now = self._clock()
         entry = NewEntry(
             t=now,
@@ -130,7 +131,7 @@ class Actuator:
                 "versions": [[v, p] for v, p in live.versions],
             },
         )
-        self._store.finish_intent(
+        await self._store.finish_intent(
             intent.id, {"deployment_id": live.id, "outcome": outcome}, now, entry
         )
 
@@ -139,7 +140,7 @@ class Actuator:
     ) -> list[tuple[Intent, Applied | Exception]]:
         """Apply every open intent (of one script, or all), oldest first; report each outcome."""
         outcomes: list[tuple[Intent, Applied | Exception]] = []
-        for intent in self._store.open_intents():
+        for intent in await self._store.open_intents():
             if script is not None and intent.script != script:
                 continue
             try:

@@ -30,7 +30,8 @@ import structlog
 from coalmine.engine import Decision, RolloutState
 from coalmine.engine.model import format_time
 from coalmine.errors import StoreError
-from coalmine.store.sqlite import NewNotification, OutboxItem, Store
+from coalmine.store.base import StateStore
+from coalmine.store.records import NewNotification, OutboxItem
 
 log = structlog.get_logger("coalmine")
 SUMMARY_LIMIT = 1024
@@ -141,7 +142,7 @@ class Outbox:
 
     def __init__(
         self,
-        store: Store,
+        store: StateStore,
         http: httpx.AsyncClient,
         receivers: Receivers,
         clock: Callable[[], datetime],
@@ -165,6 +166,7 @@ class Outbox:
         # accepted by their receiver, but the store failed to record it: recorded at the next
         # pass and never sent again (a store down for minutes must not spam every receiver)
         self._sent: set[int] = set()
+        self.pending = 0  # notifications waiting, as of the last delivery pass
 
     def wake(self) -> None:
         """New items were committed: deliver without waiting for the next poll."""
@@ -183,31 +185,36 @@ class Outbox:
 
     async def deliver_due(self) -> int:
         """One pass over the due items; returns how many were delivered."""
+        delivered = await self._deliver_due()
+        self.pending = await self._store.backlog()
+        return delivered
+
+    async def _deliver_due(self) -> int:
         delivered = 0
-        for item in self._store.due(self._clock()):
+        for item in await self._store.due(self._clock()):
             if item.id not in self._sent:
                 try:
                     await self._send(item)
                 except DeliveryError as exc:
-                    self._failed(item, exc)
+                    await self._failed(item, exc)
                     continue
                 except Exception as exc:  # one bad item must not stop the others
                     log.exception("outbox: unexpected error delivering", channel=item.channel)
-                    self._failed(item, DeliveryError(f"internal error: {type(exc).__name__}"))
+                    await self._failed(item, DeliveryError(f"internal error: {type(exc).__name__}"))
                     continue
                 self._sent.add(item.id)
-            self._store.delivered(item.id, self._clock())
+            await self._store.delivered(item.id, self._clock())
             self._sent.discard(item.id)
             delivered += 1
             if self._on_result:
                 self._on_result(item.channel, None)
         return delivered
 
-    def _failed(self, item: OutboxItem, exc: DeliveryError) -> None:
+    async def _failed(self, item: OutboxItem, exc: DeliveryError) -> None:
         backoff = exc.retry_after if exc.retry_after is not None else self._backoff(item.attempts)
         if exc.permanent:
             backoff = self._max_backoff
-        self._store.failed(item.id, str(exc), self._clock() + timedelta(seconds=backoff))
+        await self._store.failed(item.id, str(exc), self._clock() + timedelta(seconds=backoff))
         if self._on_result:
             self._on_result(item.channel, str(exc))
 

@@ -17,20 +17,29 @@ Every ``sqlite3`` error becomes a :class:`~coalmine.errors.StoreError`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from coalmine.engine.model import format_time
 from coalmine.errors import StoreError
-
-GENESIS = "0" * 64
+from coalmine.store.journal import GENESIS, canonical, entry_hash, verify_entries
+from coalmine.store.records import (
+    Intent,
+    JournalEntry,
+    NewEntry,
+    NewIntent,
+    NewNotification,
+    OutboxItem,
+    Verification,
+)
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -80,134 +89,15 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class JournalEntry:
-    """One journaled decision (or operator action) as stored."""
-
-    seq: int
-    t: str
-    recorded_at: str
-    script: str
-    actor: str
-    action: str
-    body: dict[str, Any]
-    prev_hash: str
-    hash: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """The entry as exported for auditors."""
-        return {
-            "seq": self.seq,
-            "t": self.t,
-            "recorded_at": self.recorded_at,
-            "script": self.script,
-            "actor": self.actor,
-            "action": self.action,
-            "body": self.body,
-            "prev_hash": self.prev_hash,
-            "hash": self.hash,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
-    """A notification waiting for delivery."""
-
-    id: int
-    channel: str
-    dedup_key: str | None
-    payload: dict[str, Any]
-    attempts: int
-    next_attempt_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Intent:
-    """A traffic change coalmine meant to make; unfinished ones are reconciled at start-up."""
-
-    id: int
-    script: str
-    kind: str
-    body: dict[str, Any]
-    created_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Verification:
-    """The result of checking the journal's hash chain."""
-
-    ok: bool
-    entries: int
-    head: str
-    problem: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class NewEntry:
-    """A journal entry to append: the hash chain is computed by the store."""
-
-    t: datetime
-    script: str
-    actor: str
-    action: str
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class NewIntent:
-    """A traffic change to record before it is made."""
-
-    script: str
-    kind: str
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class NewNotification:
-    """An outbox item to enqueue."""
-
-    channel: str
-    payload: dict[str, Any]
-    dedup_key: str | None = None
-
-
 def _ts(t: datetime) -> str:
     """A fixed-width UTC timestamp, so that SQL compares them correctly as text."""
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+T = TypeVar("T")
 
 
-def entry_hash(
-    prev_hash: str,
-    seq: int,
-    t: str,
-    recorded_at: str,
-    script: str,
-    actor: str,
-    action: str,
-    body: dict[str, Any],
-) -> str:
-    """The chain hash of one entry."""
-    content = _canonical(
-        {
-            "seq": seq,
-            "t": t,
-            "recorded_at": recorded_at,
-            "script": script,
-            "actor": actor,
-            "action": action,
-            "body": body,
-        }
-    )
-    return hashlib.sha256((prev_hash + content).encode()).hexdigest()
-
-
-class Store:
+class SqliteStore:
     """One SQLite database, used from the daemon's event-loop thread only (writes are small)."""
 
     def __init__(self, path: str | Path) -> None:
@@ -227,7 +117,7 @@ class Store:
         """Close the database."""
         self._db.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> SqliteStore:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -285,14 +175,14 @@ class Store:
                 "INSERT INTO rollouts (script, state, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (script) DO UPDATE"
                 " SET state = excluded.state, updated_at = excluded.updated_at",
-                (script, _canonical(state), recorded),
+                (script, canonical(state), recorded),
             )
             self._append(db, entries, recorded)
             for item in notifications:
                 db.execute(
                     "INSERT INTO outbox (channel, dedup_key, payload, created_at, next_attempt_at)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (item.channel, item.dedup_key, _canonical(item.payload), recorded, recorded),
+                    (item.channel, item.dedup_key, canonical(item.payload), recorded, recorded),
                 )
             ids = [self._insert_intent(db, intent, recorded) for intent in intents]
             db.execute("COMMIT")
@@ -304,11 +194,11 @@ class Store:
             db.execute(
                 "UPDATE intents SET finished_at = ?, result = ?"
                 " WHERE script = ? AND finished_at IS NULL",
-                (recorded, _canonical({"outcome": "superseded by a rollback"}), intent.script),
+                (recorded, canonical({"outcome": "superseded by a rollback"}), intent.script),
             )
         cursor = db.execute(
             "INSERT INTO intents (script, kind, body, created_at) VALUES (?, ?, ?, ?)",
-            (intent.script, intent.kind, _canonical(intent.body), recorded),
+            (intent.script, intent.kind, canonical(intent.body), recorded),
         )
         return int(cursor.lastrowid or 0)
 
@@ -332,7 +222,7 @@ class Store:
                     entry.script,
                     entry.actor,
                     entry.action,
-                    _canonical(entry.body),
+                    canonical(entry.body),
                     prev,
                     digest,
                 ),
@@ -380,7 +270,7 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             db.execute(
                 "UPDATE intents SET finished_at = ?, result = ? WHERE id = ?",
-                (recorded, _canonical(result), intent_id),
+                (recorded, canonical(result), intent_id),
             )
             self._append(db, [entry] if entry else [], recorded)
             db.execute("COMMIT")
@@ -465,35 +355,80 @@ def verify_file(path: str | Path) -> Verification:
         db.close()
 
 
-def verify_entries(entries: Iterable[JournalEntry]) -> Verification:
-    """Recompute a journal's hash chain; report the first entry that does not match."""
-    prev, count = GENESIS, 0
-    for entry in entries:
-        count += 1
-        if entry.seq != count:
-            return Verification(
-                False, count - 1, prev, f"entry {count} is missing (found seq {entry.seq})"
-            )
-        if entry.prev_hash != prev:
-            return Verification(
-                False,
-                count - 1,
-                prev,
-                f"entry {entry.seq}: prev_hash does not match entry {entry.seq - 1}",
-            )
-        expected = entry_hash(
-            prev,
-            entry.seq,
-            entry.t,
-            entry.recorded_at,
-            entry.script,
-            entry.actor,
-            entry.action,
-            entry.body,
+class ThreadedSqlite:
+    """A :class:`SqliteStore` behind the awaitable :class:`~coalmine.store.base.StateStore`
+    seam: every call runs in a worker thread, one at a time, so an fsync never stalls the
+    event loop. A call that has started finishes even when its caller is cancelled."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.sync = store
+        self._one = anyio.CapacityLimiter(1)
+
+    @property
+    def location(self) -> str:
+        """The database file."""
+        return self.sync.path
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self.sync.path
+
+    async def _run(self, call: Callable[[], T]) -> T:
+        return await anyio.to_thread.run_sync(call, limiter=self._one)
+
+    async def commit(
+        self,
+        script: str,
+        state: dict[str, Any],
+        entries: Sequence[NewEntry] = (),
+        notifications: Sequence[NewNotification] = (),
+        now: datetime | None = None,
+        intents: Sequence[NewIntent] = (),
+    ) -> list[int]:
+        """See :meth:`SqliteStore.commit`."""
+        return await self._run(
+            lambda: self.sync.commit(script, state, entries, notifications, now, intents)
         )
-        if entry.hash != expected:
-            return Verification(
-                False, count - 1, prev, f"entry {entry.seq}: content does not match its hash"
-            )
-        prev = entry.hash
-    return Verification(True, count, prev)
+
+    async def states(self) -> dict[str, dict[str, Any]]:
+        """See :meth:`SqliteStore.states`."""
+        return await self._run(self.sync.states)
+
+    async def journal(self, since: int = 0) -> list[JournalEntry]:
+        """See :meth:`SqliteStore.journal`."""
+        return await self._run(lambda: list(self.sync.journal(since)))
+
+    async def verify_journal(self) -> Verification:
+        """Verify over a read-only connection of its own, beside the writer."""
+        return await anyio.to_thread.run_sync(verify_file, self.sync.path)
+
+    async def finish_intent(
+        self, intent_id: int, result: dict[str, Any], now: datetime, entry: NewEntry | None = None
+    ) -> None:
+        """See :meth:`SqliteStore.finish_intent`."""
+        await self._run(lambda: self.sync.finish_intent(intent_id, result, now, entry))
+
+    async def open_intents(self) -> list[Intent]:
+        """See :meth:`SqliteStore.open_intents`."""
+        return await self._run(self.sync.open_intents)
+
+    async def due(self, now: datetime, limit: int = 50) -> list[OutboxItem]:
+        """See :meth:`SqliteStore.due`."""
+        return await self._run(lambda: self.sync.due(now, limit))
+
+    async def delivered(self, item_id: int, now: datetime) -> None:
+        """See :meth:`SqliteStore.delivered`."""
+        await self._run(lambda: self.sync.delivered(item_id, now))
+
+    async def failed(self, item_id: int, error: str, retry_at: datetime) -> None:
+        """See :meth:`SqliteStore.failed`."""
+        await self._run(lambda: self.sync.failed(item_id, error, retry_at))
+
+    async def backlog(self) -> int:
+        """See :meth:`SqliteStore.backlog`."""
+        return await self._run(self.sync.backlog)
+
+    async def aclose(self) -> None:
+        """Close the database."""
+        await self._run(self.sync.close)
