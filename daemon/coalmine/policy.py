@@ -30,6 +30,7 @@ Source = Literal["prometheus", "grafana", "cloudflare"]
 OnBreach = Literal["rollback", "hold", "page", "warn"]
 Phase = Literal["canary", "post_promotion"]
 Severity = Literal["critical", "error", "warning", "info"]
+SharedIncident = Literal["rollback", "hold"]
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 CloudflareSignal = Literal[
     "requests",
@@ -237,6 +238,11 @@ class Rule(_Model):
     severity: Severity | None = Field(
         default=None, description="Page severity for hold and page rules (default error)."
     )
+    shared_incident: SharedIncident = Field(
+        default="rollback",
+        description="A rollback rule whose stable version breaches the same threshold at the "
+        "same evaluation: roll back anyway, or hold and page (a shared incident).",
+    )
 
     @property
     def threshold(self) -> float:
@@ -330,12 +336,28 @@ def _rule_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
             yield ((*at, "phases"), "lists a phase twice")
         if rule.window <= timedelta(0):
             yield ((*at, "window"), "must be longer than 0s")
+        if rule.shared_incident == "hold":
+            yield from _shared_incident_problems(rule, at)
         if rule.severity is not None and rule.on_breach in ("rollback", "warn"):
             yield (
                 (*at, "severity"),
                 f"has no effect on a {rule.on_breach} rule "
                 "(rollback pages are critical; warn rules post to Slack)",
             )
+
+
+def _shared_incident_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
+    if rule.compare is not None:
+        yield (
+            (*at, "shared_incident"),
+            "a compare rule already judges the canary against the stable version; "
+            "shared_incident is for above/below rules",
+        )
+    elif rule.on_breach != "rollback":
+        yield (
+            (*at, "shared_incident"),
+            f"only a rollback rule can hold for a shared incident, not a {rule.on_breach} rule",
+        )
 
 
 def _compare_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:

@@ -236,7 +236,11 @@ class Engine:
     ) -> RuleTrack:
         """Pages, resolves and warnings for one rule's new track; returns the track to keep."""
         paged, inconclusive_paged = track.paged, track.inconclusive_paged
-        if track.tripped and not prev.tripped:
+        if rule.shared_hold and track.tripped:
+            if track.status is RuleStatus.BREACHING:  # an inconclusive canary decides nothing
+                track = self._shared_incident(run, rule, prev, track, trips)
+                paged = track.paged
+        elif track.tripped and not prev.tripped:
             if rule.on_breach == "rollback":
                 trips.append((rule, track))
             elif rule.on_breach == "warn":
@@ -284,6 +288,27 @@ class Engine:
         if (paged, inconclusive_paged) == (track.paged, track.inconclusive_paged):
             return track
         return _with_pages(track, paged, inconclusive_paged)
+
+    def _shared_incident(
+        self,
+        run: Run,
+        rule: CompiledRule,
+        prev: RuleTrack,
+        track: RuleTrack,
+        trips: list[tuple[CompiledRule, RuleTrack]],
+    ) -> RuleTrack:
+        """A tripped rollback rule with ``shared_incident: hold``, breaching at this tick: hold
+        and page while the stable version breaches too; roll back once it no longer does."""
+        if track.stable_breaching:
+            if not track.shared:
+                note = "both versions breach: shared incident; holding instead of rolling back"
+                self._page(run, rule, track, "critical", note)
+                run.emit_rule("hold", texts.trip_text(rule, track, note), rule, track)
+            return replace_track(track, shared=True, paged=True)
+        track = replace_track(track, shared=False)
+        if not prev.tripped or prev.shared:
+            trips.append((rule, track))
+        return track
 
     def _page(
         self, run: Run, rule: CompiledRule, track: RuleTrack, severity: str, note: str = ""

@@ -35,6 +35,7 @@ class CompiledRule:
     window: timedelta
     phases: frozenset[str]
     confidence: float | None = None  # set for compare rules only (threshold is max_ratio)
+    shared_hold: bool = False  # a rollback rule holds while the stable version breaches too
 
     @property
     def compares(self) -> bool:
@@ -62,6 +63,7 @@ class CompiledRule:
             window=rule.window,
             phases=frozenset(rule.phases),
             confidence=rule.compare.confidence if rule.compare is not None else None,
+            shared_hold=rule.shared_incident == "hold" and rule.on_breach == "rollback",
         )
 
     @property
@@ -109,6 +111,12 @@ def judge(
     """
     why = inconclusive_reason(rule, canary)
     stable_value = stable.value if stable is not None and stable.error is None else None
+    # the stable version breaches too, judged as the canary would be (min_samples included)
+    stable_breaching = (
+        inconclusive_reason(rule, stable) is None
+        and stable_value is not None
+        and breaches(rule, stable_value)
+    )
     samples = canary.samples if canary is not None else None
     value = canary.value if canary is not None and canary.error is None else None
     if why is not None:
@@ -124,9 +132,11 @@ def judge(
             inconclusive_since=prev.inconclusive_since or now,
             paged=prev.paged,
             inconclusive_paged=prev.inconclusive_paged,
+            stable_breaching=stable_breaching,
+            shared=prev.shared,
         )
     assert value is not None  # conclusive implies a finite value
-    breaching = value > rule.threshold if rule.above else value < rule.threshold
+    breaching = breaches(rule, value)
     status, since, tripped = _verdict(rule, prev, breaching, now, warming_up)
     return RuleTrack(
         status=status,
@@ -141,7 +151,14 @@ def judge(
         inconclusive_since=None,
         paged=prev.paged,
         inconclusive_paged=prev.inconclusive_paged,
+        stable_breaching=stable_breaching,
+        shared=prev.shared and tripped,
     )
+
+
+def breaches(rule: CompiledRule, value: float) -> bool:
+    """Whether a conclusive value is on the wrong side of the rule's threshold."""
+    return value > rule.threshold if rule.above else value < rule.threshold
 
 
 def _verdict(
