@@ -99,6 +99,9 @@ def promote(engine: Engine, run: Run, _: Command) -> None:
         }
         run.emit("warn", f"promote refused: the rollout is {s.phase.value}{hint.get(s.phase, '')}")
         return
+    if run.frozen is not None:
+        run.emit("warn", f"promote refused: {run.frozen}")
+        return
     breaching = [
         r
         for r in engine._canary_rules
@@ -139,6 +142,9 @@ def start(engine: Engine, run: Run, command: Command) -> None:
             else f"{version!r} is the stable version"
         )
         run.emit("warn", f"start refused: {why}")
+        return
+    if run.frozen is not None:
+        run.emit("warn", f"start refused: {run.frozen}")
         return
     s.phase = transition(s.phase, Event.START)
     s.canary, s.step, s.started_at, s.promoted_at, s.rules = version, 0, run.now, None, {}

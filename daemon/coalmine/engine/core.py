@@ -15,16 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from coalmine.durations import format_duration
-from coalmine.engine import commands, texts
+from coalmine.engine import commands, gates, texts
+from coalmine.engine.gates import Blocker
 from coalmine.engine.judge import CompiledRule, judge, judge_compare
 from coalmine.engine.lifecycle import Event, RolloutPhase, transition
-from coalmine.engine.model import Command, Decision, Deployment, Observation, Options, format_time
+from coalmine.engine.model import Command, Decision, Deployment, Observation, Options
 from coalmine.engine.state import RolloutState, RuleStatus, RuleTrack, replace_track
-from coalmine.engine.windows import inside_window, next_opening
 from coalmine.policy import Policy
 
 P = RolloutPhase
@@ -40,20 +40,21 @@ class Outcome:
     decisions: list[Decision] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Blocker:
-    key: str
-    reason: str
-    rule: CompiledRule | None = None
-
-
 class Run:
     """One call's working copy of the state and the decisions it produces."""
 
-    __slots__ = ("actor", "dry_run", "now", "out", "s")
+    __slots__ = ("actor", "dry_run", "frozen", "now", "out", "s")
 
-    def __init__(self, state: RolloutState, now: datetime, dry_run: bool, actor: Actor) -> None:
+    def __init__(
+        self,
+        state: RolloutState,
+        now: datetime,
+        dry_run: bool,
+        actor: Actor,
+        frozen: str | None = None,
+    ) -> None:
         self.s = state.copy()
+        self.frozen = frozen  # why advancing is frozen (an open incident), or None
         self.now = now
         self.out: list[Decision] = []
         self.dry_run = dry_run
@@ -105,12 +106,17 @@ class Engine:
         rules = [CompiledRule.of(r) for r in policy.rules]
         self._canary_rules = tuple(r for r in rules if "canary" in r.phases)
         self._post_rules = tuple(r for r in rules if "post_promotion" in r.phases)
+        self._after_rollback = tuple(r for r in rules if r.when == "after_rollback")
         self._rules = {r.name: r for r in rules}
         self._weights = [s.weight for s in policy.steps]
         self._holds = [s.hold for s in policy.steps]
         self._warmup = policy.analysis.warmup
         self._page_after = policy.analysis.inconclusive_page_after
         self._watch = policy.post_promotion.watch
+
+    def hold(self, step: int) -> timedelta:
+        """How long the canary is held at ``step`` (an index into the policy's steps)."""
+        return self._holds[step]
 
     def new_state(self, script: str) -> RolloutState:
         """The state of a script coalmine has not seen yet."""
@@ -143,9 +149,14 @@ class Engine:
         )
         return run.done()
 
-    def command(self, state: RolloutState, command: Command, now: datetime) -> Outcome:
-        """Apply an operator's command; a command that cannot apply is a ``warn``."""
-        run = Run(state, now, self.options.dry_run, "operator")
+    def command(
+        self, state: RolloutState, command: Command, now: datetime, *, frozen: str | None = None
+    ) -> Outcome:
+        """Apply an operator's command; a command that cannot apply is a ``warn``.
+
+        ``frozen``: why no canary may start or advance now (an incident freeze), or None.
+        """
+        run = Run(state, now, self.options.dry_run, "operator", frozen)
         handler = {
             "pause": commands.pause,
             "resume": commands.resume,
@@ -163,16 +174,21 @@ class Engine:
         observations: Iterable[Observation],
         *,
         blocked: str | None = None,
+        frozen: str | None = None,
     ) -> Outcome:
         """Evaluate every active rule on this tick's observations and act on the result.
 
         ``blocked``: the shell's reason advancing must wait (a traffic change still being
-        applied); rules are judged and rollbacks still happen.
+        applied); rules are judged and rollbacks still happen. ``frozen``: why no canary may
+        advance now (an open incident, or incidents that could not be checked); rollbacks never
+        wait for it.
         """
-        run = Run(state, now, self.options.dry_run, "coalmine")
+        run = Run(state, now, self.options.dry_run, "coalmine", frozen)
         s = run.s
         s.last_tick = now
-        if s.phase in (P.IDLE, P.ROLLED_BACK) or self._watch_over(run):
+        if s.phase is P.IDLE or self._watch_over(run):
+            return run.done()
+        if s.phase is P.ROLLED_BACK and not self._after_rollback:
             return run.done()
         canary: dict[str, Observation] = {}
         stable: dict[str, Observation] = {}
@@ -180,7 +196,7 @@ class Engine:
             (canary if obs.role == "canary" else stable)[obs.rule] = obs
         warming_up = s.warmup_until is not None and now < s.warmup_until
         trips: list[tuple[CompiledRule, RuleTrack]] = []
-        for rule in self._active_rules(s):
+        for rule in self._active_rules(s, now, frozen):
             prev = s.rules.get(rule.name, _EMPTY)
             mine, theirs = canary.get(rule.name), stable.get(rule.name)
             if rule.compares:
@@ -209,22 +225,33 @@ class Engine:
 
     # ---- judging --------------------------------------------------------------------------
 
-    def active_rules(self, state: RolloutState) -> tuple[CompiledRule, ...]:
-        """The rules a tick in this state evaluates (what the shell must fetch)."""
-        return self._active_rules(state)
+    def active_rules(
+        self, state: RolloutState, now: datetime | None = None, frozen: str | None = None
+    ) -> tuple[CompiledRule, ...]:
+        """The rules a tick in this state at ``now`` evaluates (what the shell must fetch):
+        every rule of the phase, webhook rules only when they are due (see :mod:`webhooks`)."""
+        return self._active_rules(state, now, frozen)
 
     @property
     def rules(self) -> tuple[CompiledRule, ...]:
         """Every rule of the policy, compiled."""
         return tuple(self._rules.values())
 
-    def _active_rules(self, s: RolloutState) -> tuple[CompiledRule, ...]:
+    def _active_rules(
+        self, s: RolloutState, now: datetime | None, frozen: str | None
+    ) -> tuple[CompiledRule, ...]:
         phase = s.stood_down_from if s.phase is P.STOOD_DOWN else s.phase
         if phase in (P.CANARY, P.PAUSED):
-            return self._canary_rules
-        if phase is P.PROMOTED:
-            return self._post_rules
-        return ()
+            rules = self._canary_rules
+        elif phase is P.PROMOTED:
+            rules = self._post_rules
+        elif phase is P.ROLLED_BACK:
+            rules = self._after_rollback
+        else:
+            return ()
+        if now is None:
+            return rules
+        return tuple(r for r in rules if r.when is None or gates.due(self, r, s, now, frozen))
 
     def _notify(
         self,
@@ -355,9 +382,9 @@ class Engine:
         assert s.step_started_at is not None
         if run.now < s.step_started_at + self._holds[s.step]:
             return
-        blockers = self._blockers(run)
+        blockers = gates.blockers(self, s, run.now, run.frozen)
         if blocked is not None:
-            blockers.append(_Blocker("shell", blocked))
+            blockers.append(Blocker("shell", blocked))
         if not blockers:
             self._advance(run, "hold elapsed, every gate passing")
             return
@@ -373,42 +400,6 @@ class Engine:
             run.emit_rule("hold", reason, first, s.rules.get(first.name, _EMPTY))
         else:
             run.emit("hold", reason)
-
-    def _blockers(self, run: Run) -> list[_Blocker]:
-        s, now = run.s, run.now
-        blockers = []
-        if s.phase is P.PAUSED:
-            blockers.append(_Blocker("paused", "paused by an operator"))
-        for rule in self._canary_rules:
-            if not rule.gating:
-                continue
-            track = s.rules.get(rule.name, _EMPTY)
-            if track.status is RuleStatus.BREACHING:
-                blockers.append(
-                    _Blocker(
-                        f"breaching:{rule.name}",
-                        f"{rule.name} breaching ({texts.value_text(rule, track)})",
-                        rule,
-                    )
-                )
-            elif not track.status.passes_gate:
-                blockers.append(
-                    _Blocker(
-                        f"inconclusive:{rule.name}",
-                        f"{rule.name} {texts.inconclusive_text(track)}",
-                        rule,
-                    )
-                )
-        windows = self.policy.deployment_windows
-        if not inside_window(windows, now):
-            opening = next_opening(windows, now)
-            when = f"; next opens {format_time(opening)}" if opening else ""
-            blockers.append(_Blocker("window", f"outside the deployment windows{when}"))
-        if not self.options.auto_promote:
-            blockers.append(
-                _Blocker("auto_promote", "auto-promote is off: waiting for an operator's promote")
-            )
-        return blockers
 
     def _advance(self, run: Run, why: str) -> None:
         s = run.s
@@ -529,6 +520,7 @@ class Engine:
     def _adopt(self, run: Run, live: Deployment, why: str) -> None:
         s = run.s
         assert live.canary is not None
+        self._resolve_all(run, "a new rollout started")  # an after_rollback smoke test's page
         s.phase = transition(s.phase, Event.START)
         s.canary, s.stable = live.canary, live.stable
         s.started_at, s.promoted_at, s.stood_down_from, s.rules = run.now, None, None, {}

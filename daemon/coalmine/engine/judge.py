@@ -36,6 +36,7 @@ class CompiledRule:
     phases: frozenset[str]
     confidence: float | None = None  # set for compare rules only (threshold is max_ratio)
     shared_hold: bool = False  # a rollback rule holds while the stable version breaches too
+    when: str | None = None  # webhook rules: before_advance | every_tick | after_promotion | ...
 
     @property
     def compares(self) -> bool:
@@ -49,21 +50,28 @@ class CompiledRule:
         min_samples = rule.min_samples
         if rule.compare is not None and min_samples is None:
             min_samples = COMPARE_MIN_SAMPLES
+        when = rule.when if rule.source == "webhook" else None
+        on_breach, phases = rule.on_breach, frozenset(rule.phases)
+        if when == "after_promotion":
+            phases = frozenset({"post_promotion"})
+        elif when == "after_rollback":  # runs after a rollback: there is nothing to roll back
+            on_breach, phases, default_severity = "page", frozenset(), "critical"
         return cls(
             name=rule.name,
-            above=rule.above is not None or rule.compare is not None,
+            above=rule.below is None or rule.compare is not None,
             threshold=rule.threshold,
             for_=rule.for_,
             min_samples=min_samples,
-            on_breach=rule.on_breach,
+            on_breach=on_breach,
             gating=rule.gating,
             severity=rule.severity
-            if rule.on_breach != "rollback" and rule.severity
+            if on_breach != "rollback" and rule.severity
             else default_severity,
             window=rule.window,
-            phases=frozenset(rule.phases),
+            phases=phases,
             confidence=rule.compare.confidence if rule.compare is not None else None,
-            shared_hold=rule.shared_incident == "hold" and rule.on_breach == "rollback",
+            shared_hold=rule.shared_incident == "hold" and on_breach == "rollback",
+            when=when,
         )
 
     @property
