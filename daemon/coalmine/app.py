@@ -39,7 +39,10 @@ from coalmine.server.metrics import Metrics
 from coalmine.settings import Settings
 from coalmine.sources import Source
 from coalmine.sources.cloudflare import CloudflareAnalytics
+from coalmine.sources.pagerduty import NAME as PAGERDUTY_API
+from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.sources.prometheus import PrometheusSource
+from coalmine.sources.webhook import WebhookSource
 from coalmine.store import StateStore, open_store
 from coalmine.store.records import Verification
 
@@ -94,6 +97,8 @@ def build_sources(
         sources["cloudflare"] = CloudflareAnalytics(
             cloudflare, settings.cloudflare_account_id, longest_window=max(windows)
         )
+    if any(r.source == "webhook" for p in policies for r in p.rules):
+        sources["webhook"] = WebhookSource(http, observe=observe)
     return sources
 
 
@@ -117,6 +122,8 @@ def check_live_settings(settings: Settings, policies: list[Policy]) -> None:
             "COALMINE_GRAFANA_URL, COALMINE_GRAFANA_TOKEN and COALMINE_GRAFANA_DATASOURCE_UID"
             " (the policies have grafana rules)"
         )
+    if any(p.freeze for p in policies) and not settings.pagerduty_api_token:
+        missing.append("COALMINE_PAGERDUTY_API_TOKEN (the policies have an incident freeze)")
     if missing:
         raise ConfigError("missing settings: " + "; ".join(missing))
 
@@ -252,6 +259,13 @@ async def open_daemon(
 
         outbox = Outbox(store, http, receivers, clock, on_result=delivered)
         actuator = Actuator(cloudflare, store, clock)
+        freeze = None
+        if any(p.freeze for p in policies):
+            health.expect(PAGERDUTY_API)
+            token = _secret(settings.pagerduty_api_token)
+            freeze = IncidentFreeze(
+                http, settings.pagerduty_api_url, token, observe=observe, clock=monotonic
+            )
         shared = Shared(
             store,
             cloudflare,
@@ -262,6 +276,7 @@ async def open_daemon(
             outbox,
             clock,
             settings.discovery_interval,
+            freeze=freeze,
         )
         saved = await store.states()
         loops = {}

@@ -43,6 +43,7 @@ from coalmine.policy import Policy, Rule
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
 from coalmine.sources import Source, Target
+from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.store.base import StateStore
 from coalmine.store.records import Intent, NewEntry, NewNotification
 
@@ -80,6 +81,7 @@ class Shared:
     # request, so 1,000 loops reading at once take seconds of CPU each and never catch up.
     # 20 is httpx's kept-alive connections: none is opened and closed again.
     reads: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(20))
+    freeze: IncidentFreeze | None = None  # PagerDuty's incidents, for policies with a freeze
 
 
 @dataclass
@@ -268,17 +270,18 @@ class ScriptLoop:
         now: datetime,
     ) -> list[Decision]:
         state, decisions = self.state, []
+        frozen = await self._frozen()
         if live is not None:
             if any(v not in self._versions for v, _ in live.versions):
                 self._versions = await self._shared.cloudflare.versions(self.script)
             outcome = self.engine.observe_deployment(state, to_engine(live, self._versions), now)
             state, decisions = outcome.state, outcome.decisions
         for item in pending:
-            outcome = self.engine.command(state, item.command, now)
+            outcome = self.engine.command(state, item.command, now, frozen=frozen)
             state, item.decisions = outcome.state, outcome.decisions
             decisions += outcome.decisions
-        observations = await self._observe(state, now) if state.phase in ACTIVE else []
-        outcome = self.engine.tick(state, now, observations, blocked=self._blocked)
+        observations = await self._observe(state, now, frozen)
+        outcome = self.engine.tick(state, now, observations, blocked=self._blocked, frozen=frozen)
         state, decisions = outcome.state, decisions + outcome.decisions
         with anyio.CancelScope(shield=True), anyio.move_on_after(60):
             # a stop (SIGTERM) lets the tick's write and traffic change finish
@@ -334,14 +337,26 @@ class ScriptLoop:
         )
         self.state = state
 
-    async def _observe(self, state: RolloutState, now: datetime) -> list[Observation]:
+    async def _frozen(self) -> str | None:
+        """Why no canary may start or advance now (an incident freeze), or None."""
+        freeze = self.policy.freeze
+        if freeze is None:
+            return None
+        if self._shared.freeze is None:
+            return "incident freeze unknown: no PagerDuty API configured; not advancing"
+        return await self._shared.freeze.check(freeze.pagerduty_services)
+
+    async def _observe(
+        self, state: RolloutState, now: datetime, frozen: str | None
+    ) -> list[Observation]:
+        rules = [self._rules[r.name] for r in self.engine.active_rules(state, now, frozen)]
         canary, stable = state.canary, state.stable
-        assert canary is not None
-        assert stable is not None
-        rules = [self._rules[r.name] for r in self.engine.active_rules(state)]
+        if not rules or canary is None or stable is None:
+            return []
+        where = (state.step + 1, state.canary_percent, state.phase.value)  # webhooks say so
         targets = [
-            Target(self.script, "canary", canary, canary, stable),
-            Target(self.script, "stable", stable, canary, stable),
+            Target(self.script, "canary", canary, canary, stable, *where),
+            Target(self.script, "stable", stable, canary, stable, *where),
         ]
         results: list[Observation] = []
 
@@ -350,8 +365,8 @@ class ScriptLoop:
 
         async with anyio.create_task_group() as tg:
             for rule in rules:
-                for target in targets:
-                    tg.start_soon(one, rule, target)
+                for target in targets[:1] if rule.source == "webhook" else targets:
+                    tg.start_soon(one, rule, target)  # a webhook is called once, not per version
         return results
 
     async def _fetch(self, rule: Rule, target: Target, now: datetime) -> Observation:
@@ -360,16 +375,17 @@ class ScriptLoop:
             return Observation(
                 rule.name, target.role, None, None, f"source {rule.source} is not configured"
             )
-        with anyio.move_on_after(self._shared.fetch_timeout):
+        limit = self._shared.fetch_timeout
+        if rule.source == "webhook":  # its own timeout, and a little for the source to report
+            limit = max(limit, rule.timeout.total_seconds() + 5)
+        with anyio.move_on_after(limit):
             try:
                 return await source.fetch(rule, target, now)
             except Exception as exc:  # a source must never take the tick down: inconclusive
                 log.exception("source raised", source=rule.source, rule=rule.name)
                 why = f"source {rule.source} failed: {type(exc).__name__}"
                 return Observation(rule.name, target.role, None, None, why)
-        return Observation(
-            rule.name, target.role, None, None, f"timeout after {self._shared.fetch_timeout:g}s"
-        )
+        return Observation(rule.name, target.role, None, None, f"timeout after {limit:g}s")
 
     def describe(self) -> dict[str, Any]:
         """The rollout as the admin API shows it."""

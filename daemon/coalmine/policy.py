@@ -26,10 +26,12 @@ from pydantic.json_schema import GenerateJsonSchema
 
 from coalmine.durations import DURATION_PATTERN, format_duration, parse_duration
 
-Source = Literal["prometheus", "grafana", "cloudflare"]
+Source = Literal["prometheus", "grafana", "cloudflare", "webhook"]
 OnBreach = Literal["rollback", "hold", "page", "warn"]
 Phase = Literal["canary", "post_promotion"]
 Severity = Literal["critical", "error", "warning", "info"]
+SharedIncident = Literal["rollback", "hold"]
+When = Literal["before_advance", "every_tick", "after_promotion", "after_rollback"]
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 CloudflareSignal = Literal[
     "requests",
@@ -184,6 +186,16 @@ class Compare(_Model):
     )
 
 
+class Freeze(_Model):
+    """No canary starts or advances while an incident is open on one of these services."""
+
+    pagerduty_services: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1,
+        description="PagerDuty service IDs; a triggered or acknowledged incident on any of "
+        "them freezes advancing (COALMINE_PAGERDUTY_API_TOKEN reads them).",
+    )
+
+
 def _canary_only() -> list[Phase]:
     return ["canary"]
 
@@ -237,12 +249,29 @@ class Rule(_Model):
     severity: Severity | None = Field(
         default=None, description="Page severity for hold and page rules (default error)."
     )
+    url: str | None = Field(
+        default=None, description="Where a webhook rule POSTs the rollout's context (http/https)."
+    )
+    timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        description="A webhook rule's time limit; a call that takes longer is inconclusive.",
+    )
+    when: When = Field(
+        default="before_advance", description="When a webhook rule is called (webhook rules)."
+    )
+    shared_incident: SharedIncident = Field(
+        default="rollback",
+        description="A rollback rule whose stable version breaches the same threshold at the "
+        "same evaluation: roll back anyway, or hold and page (a shared incident).",
+    )
 
     @property
     def threshold(self) -> float:
         """The ``above`` or ``below`` bound; a compare rule's ``max_ratio``."""
         if self.compare is not None:
             return self.compare.max_ratio
+        if self.source == "webhook":
+            return 0.0  # the value is 0 on a 2xx answer, the HTTP status otherwise
         return self.above if self.above is not None else self.below  # type: ignore[return-value]
 
     @property
@@ -275,6 +304,9 @@ class Policy(_Model):
         default=None, description="Advancing only inside these windows; omitted means always."
     )
     rules: list[Rule] = Field(default_factory=list, description="What to watch and judge.")
+    freeze: Freeze | None = Field(
+        default=None, description="Incident freeze: hold while PagerDuty has an open incident."
+    )
 
 
 Path = tuple[str | int, ...]
@@ -319,23 +351,97 @@ def _rule_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
                 f"duplicate rule name {rule.name!r} (also rules[{first_seen[rule.name]}])",
             )
         first_seen.setdefault(rule.name, i)
-        if rule.compare is not None:
+        if rule.source == "webhook" or rule.url is not None or _webhook_fields(rule):
+            yield from _webhook_problems(rule, at)
+        elif rule.compare is not None:
             yield from _compare_problems(rule, at)
         elif rule.above is None and rule.below is None:
             yield (at, "set exactly one of above or below")
         elif rule.above is not None and rule.below is not None:
             yield ((*at, "below"), "set exactly one of above or below, not both")
-        yield from _source_problems(rule, at)
+        if rule.source != "webhook":
+            yield from _source_problems(rule, at)
         if len(set(rule.phases)) != len(rule.phases):
             yield ((*at, "phases"), "lists a phase twice")
         if rule.window <= timedelta(0):
             yield ((*at, "window"), "must be longer than 0s")
+        if rule.shared_incident == "hold":
+            yield from _shared_incident_problems(rule, at)
         if rule.severity is not None and rule.on_breach in ("rollback", "warn"):
             yield (
                 (*at, "severity"),
                 f"has no effect on a {rule.on_breach} rule "
                 "(rollback pages are critical; warn rules post to Slack)",
             )
+
+
+def _webhook_fields(rule: Rule) -> set[str]:
+    return {"timeout", "when"} & rule.model_fields_set
+
+
+def _webhook_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
+    if rule.source != "webhook":
+        for field in sorted({"url"} & rule.model_fields_set | _webhook_fields(rule)):
+            yield ((*at, field), f"only a webhook rule takes `{field}`")
+        return
+    url = rule.url or ""
+    if not re.fullmatch(r"https?://[^\s/]+\S*", url):
+        yield ((*at, "url"), "a webhook rule needs a url, http:// or https://")
+    for field in ("query", "samples", "events", "signal", "compare", "above", "below"):
+        if getattr(rule, field) is not None:
+            yield (
+                (*at, field),
+                f"a webhook rule takes no `{field}`: "
+                "a 2xx answer passes, any other status breaches",
+            )
+    if rule.min_samples is not None:
+        yield ((*at, "min_samples"), "a webhook rule has no samples")
+    if rule.timeout <= timedelta(0):
+        yield ((*at, "timeout"), "must be longer than 0s")
+    yield from _when_problems(rule, at)
+
+
+def _when_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
+    if rule.when == "before_advance":
+        if not rule.gating:
+            yield (
+                (*at, "on_breach"),
+                "a before_advance webhook gates advancing: on_breach rollback or hold",
+            )
+        if "post_promotion" in rule.phases:
+            yield (
+                (*at, "phases"),
+                "a before_advance webhook runs in the canary phase only (nothing advances after "
+                "promotion); use when: after_promotion or every_tick",
+            )
+    elif rule.when in ("after_promotion", "after_rollback") and "phases" in rule.model_fields_set:
+        yield ((*at, "phases"), f"when: {rule.when} sets the phase; leave `phases` out")
+    if rule.when == "after_rollback":
+        for field in ("on_breach", "severity"):
+            if field in rule.model_fields_set:
+                yield (
+                    (*at, field),
+                    f"an after_rollback webhook pages critical when it fails; leave `{field}` out",
+                )
+
+
+def _shared_incident_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:
+    if rule.source == "webhook":
+        yield (
+            (*at, "shared_incident"),
+            "a webhook rule has no stable evaluation; shared_incident is for above/below rules",
+        )
+    elif rule.compare is not None:
+        yield (
+            (*at, "shared_incident"),
+            "a compare rule already judges the canary against the stable version; "
+            "shared_incident is for above/below rules",
+        )
+    elif rule.on_breach != "rollback":
+        yield (
+            (*at, "shared_incident"),
+            f"only a rollback rule can hold for a shared incident, not a {rule.on_breach} rule",
+        )
 
 
 def _compare_problems(rule: Rule, at: Path) -> Iterator[tuple[Path, str]]:

@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     pagerduty_url: str = Field(
         default="https://events.pagerduty.com", description="PagerDuty Events API base."
     )
+    pagerduty_api_token: SecretStr | None = Field(
+        default=None,
+        description="PagerDuty REST API token (read-only) for incident freezes. "
+        "Required when a policy has `freeze`.",
+    )
+    pagerduty_api_url: str = Field(
+        default="https://api.pagerduty.com", description="PagerDuty REST API base."
+    )
     slack_webhook_url: SecretStr | None = Field(
         default=None,
         description="Slack incoming webhook for warnings and outcomes. Unset: none sent.",
@@ -116,7 +124,9 @@ class Settings(BaseSettings):
         default="info", description="Lowest level logged: debug, info, warning, error."
     )
 
-    @field_validator("cloudflare_api_url", "prometheus_url", "grafana_url", "pagerduty_url")
+    @field_validator(
+        "cloudflare_api_url", "prometheus_url", "grafana_url", "pagerduty_url", "pagerduty_api_url"
+    )
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         return _url(value)

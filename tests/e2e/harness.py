@@ -120,20 +120,22 @@ async def virtual_sleep(clock: VirtualClock, seconds: float) -> None:
 async def harness(
     tmp_path: Path,
     *,
-    policy: str = POLICY,
+    policy: str | Callable[[Simulator], str] = POLICY,
     env: dict[str, str] | None = None,
     canary: Behaviour | None = None,
     start_canary: bool = True,
     requests_per_minute: float = 600,
 ) -> AsyncIterator[Harness]:
-    """A simulator with script ``api`` (a stable version and an uploaded canary) and a daemon."""
+    """A simulator with script ``api`` (a stable version and an uploaded canary) and a daemon.
+
+    ``policy`` may be a function of the running simulator (for URLs of its servers)."""
     clock = VirtualClock(START)
     sim = Simulator(clock=clock, seed=11)
     stable = sim.add_script("api", requests_per_minute=requests_per_minute)
     canary_id = sim.upload_version("api", canary or Behaviour())
     path = tmp_path / "policy.yaml"
-    path.write_text(policy)
     async with sim.running():
+        path.write_text(policy(sim) if callable(policy) else policy)
         settings = load_settings(
             {
                 **sim.environment(),

@@ -597,7 +597,9 @@ def test_an_unknown_source(check: Any) -> None:
     text = HEAD + "rules:\n  - {name: r, source: datadog, query: up, above: 1}\n"
     assert check(text) == (
         2,
-        ["p.yaml:8: rules[0].source: Input should be 'prometheus', 'grafana' or 'cloudflare'"],
+        [
+            "p.yaml:8: rules[0].source: Input should be 'prometheus', 'grafana', 'cloudflare' or 'webhook'"
+        ],
     )
 
 
@@ -867,6 +869,7 @@ def test_the_schema_gives_durations_their_pattern(schema: dict[str, Any]) -> Non
         "PostPromotion.watch",
         "Rule.window",
         "Rule.for",
+        "Rule.timeout",
     }
     defaults = {name: prop["default"] for name, prop in durations.items()}
     assert defaults == {
@@ -877,6 +880,7 @@ def test_the_schema_gives_durations_their_pattern(schema: dict[str, Any]) -> Non
         "PostPromotion.watch": "0s",
         "Rule.window": "1m",
         "Rule.for": "0s",
+        "Rule.timeout": "30s",
     }
 
 

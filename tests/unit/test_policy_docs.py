@@ -18,6 +18,7 @@ from coalmine.policy import (
     Compare,
     DeploymentWindows,
     Duration,
+    Freeze,
     OnBreach,
     Policy,
     PostPromotion,
@@ -40,6 +41,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     TimeWindow,
     Rule,
     Compare,
+    Freeze,
 )
 _HEADING = re.compile(r"^(#+) (.*)$")
 _METRIC = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\{")

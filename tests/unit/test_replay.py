@@ -60,7 +60,10 @@ def obs(
     [
         ("not json", "not JSON"),
         ("[1, 2]", "each line must be a JSON object"),
-        ('{"t": "2026-03-03T18:00:00Z"}', 'a line needs one of "deployment", "rule" or "command"'),
+        (
+            '{"t": "2026-03-03T18:00:00Z"}',
+            'a line needs one of "deployment", "rule", "command" or "freeze"',
+        ),
         ('{"t": 5, "command": "pause"}', '"t" must be an RFC 3339 time string'),
         ('{"t": "yesterday", "command": "pause"}', "is not an RFC 3339 time"),
         ('{"t": "2026-03-03T18:00:00", "command": "pause"}', "has no timezone"),

@@ -7,6 +7,7 @@ Each input line is one of::
     {"t": …, "rule": "error_rate", "version": "canary", "error": "timeout"}
     {"t": …, "rule": "errors_vs_stable", "version": "canary", "events": 3, "samples": 1800}
     {"t": …, "command": "pause"|"resume"|"promote"|"rollback"}   (or "start" with "version")
+    {"t": …, "freeze": "PagerDuty incident #7 …"|null}   (an incident freeze from t on; null lifts)
 
 Lines sharing a ``t`` form one tick: deployments and commands apply first, in file order, then
 the engine evaluates the tick's observations (only when there are any).
@@ -34,13 +35,15 @@ _VALUE_STRINGS = {"NaN": math.nan, "+Inf": math.inf, "-Inf": -math.inf}
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One parsed input line: exactly one of deployment, command, observation is set."""
+    """One parsed input line: exactly one of deployment, command, observation, freeze is set
+    (``freeze`` "" lifts a freeze)."""
 
     t: datetime
     line: int
     deployment: Deployment | None = None
     command: Command | None = None
     observation: Observation | None = None
+    freeze: str | None = None
 
     def to_json(self) -> str:
         """The record as one replay line (the inverse of parsing it)."""
@@ -56,6 +59,8 @@ class Record:
             out["command"] = self.command.kind
             if self.command.version is not None:
                 out["version"] = self.command.version
+        elif self.freeze is not None:
+            out["freeze"] = self.freeze or None
         elif self.observation is not None:
             o = self.observation
             out.update(rule=o.rule, version=o.role)
@@ -111,10 +116,16 @@ def _parse_line(text: str, number: int, known: set[str]) -> Record:
     if "command" in data:
         _only(data, {"t", "command", "version"})
         return Record(t, number, command=_command(data))
+    if "freeze" in data:
+        _only(data, {"t", "freeze"})
+        why = data["freeze"]
+        if why is not None and (not isinstance(why, str) or not why):
+            raise _Bad('"freeze" must be the reason advancing is frozen, or null to lift it')
+        return Record(t, number, freeze=why or "")
     if "rule" in data:
         _only(data, {"t", "rule", "version", "value", "samples", "events", "error"})
         return Record(t, number, observation=_observation(data, known))
-    raise _Bad('a line needs one of "deployment", "rule" or "command"')
+    raise _Bad('a line needs one of "deployment", "rule", "command" or "freeze"')
 
 
 def _refuse_constant(name: str) -> None:
@@ -217,10 +228,11 @@ def replay(engine: Engine, records: Iterable[Record], script: str) -> Iterator[D
     state = engine.new_state(script)
     pending: list[Observation] = []
     tick_at: datetime | None = None
+    frozen: str | None = None
     for record in records:
         if tick_at is not None and record.t != tick_at:
             if pending:
-                outcome = engine.tick(state, tick_at, pending)
+                outcome = engine.tick(state, tick_at, pending, frozen=frozen)
                 state = outcome.state
                 yield from outcome.decisions
             pending = []
@@ -228,15 +240,18 @@ def replay(engine: Engine, records: Iterable[Record], script: str) -> Iterator[D
         if record.observation is not None:
             pending.append(record.observation)
             continue
+        if record.freeze is not None:
+            frozen = record.freeze or None
+            continue
         if record.deployment is not None:
             outcome = engine.observe_deployment(state, record.deployment, record.t)
         else:
             assert record.command is not None
-            outcome = engine.command(state, record.command, record.t)
+            outcome = engine.command(state, record.command, record.t, frozen=frozen)
         state = outcome.state
         yield from outcome.decisions
     if pending and tick_at is not None:
-        yield from engine.tick(state, tick_at, pending).decisions
+        yield from engine.tick(state, tick_at, pending, frozen=frozen).decisions
 
 
 def format_table(decisions: Iterable[Decision]) -> Iterator[str]:

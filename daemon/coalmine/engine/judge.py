@@ -35,6 +35,8 @@ class CompiledRule:
     window: timedelta
     phases: frozenset[str]
     confidence: float | None = None  # set for compare rules only (threshold is max_ratio)
+    shared_hold: bool = False  # a rollback rule holds while the stable version breaches too
+    when: str | None = None  # webhook rules: before_advance | every_tick | after_promotion | ...
 
     @property
     def compares(self) -> bool:
@@ -48,20 +50,28 @@ class CompiledRule:
         min_samples = rule.min_samples
         if rule.compare is not None and min_samples is None:
             min_samples = COMPARE_MIN_SAMPLES
+        when = rule.when if rule.source == "webhook" else None
+        on_breach, phases = rule.on_breach, frozenset(rule.phases)
+        if when == "after_promotion":
+            phases = frozenset({"post_promotion"})
+        elif when == "after_rollback":  # runs after a rollback: there is nothing to roll back
+            on_breach, phases, default_severity = "page", frozenset(), "critical"
         return cls(
             name=rule.name,
-            above=rule.above is not None or rule.compare is not None,
+            above=rule.below is None or rule.compare is not None,
             threshold=rule.threshold,
             for_=rule.for_,
             min_samples=min_samples,
-            on_breach=rule.on_breach,
+            on_breach=on_breach,
             gating=rule.gating,
             severity=rule.severity
-            if rule.on_breach != "rollback" and rule.severity
+            if on_breach != "rollback" and rule.severity
             else default_severity,
             window=rule.window,
-            phases=frozenset(rule.phases),
+            phases=phases,
             confidence=rule.compare.confidence if rule.compare is not None else None,
+            shared_hold=rule.shared_incident == "hold" and on_breach == "rollback",
+            when=when,
         )
 
     @property
@@ -109,6 +119,12 @@ def judge(
     """
     why = inconclusive_reason(rule, canary)
     stable_value = stable.value if stable is not None and stable.error is None else None
+    # the stable version breaches too, judged as the canary would be (min_samples included)
+    stable_breaching = (
+        inconclusive_reason(rule, stable) is None
+        and stable_value is not None
+        and breaches(rule, stable_value)
+    )
     samples = canary.samples if canary is not None else None
     value = canary.value if canary is not None and canary.error is None else None
     if why is not None:
@@ -124,9 +140,11 @@ def judge(
             inconclusive_since=prev.inconclusive_since or now,
             paged=prev.paged,
             inconclusive_paged=prev.inconclusive_paged,
+            stable_breaching=stable_breaching,
+            shared=prev.shared,
         )
     assert value is not None  # conclusive implies a finite value
-    breaching = value > rule.threshold if rule.above else value < rule.threshold
+    breaching = breaches(rule, value)
     status, since, tripped = _verdict(rule, prev, breaching, now, warming_up)
     return RuleTrack(
         status=status,
@@ -141,7 +159,14 @@ def judge(
         inconclusive_since=None,
         paged=prev.paged,
         inconclusive_paged=prev.inconclusive_paged,
+        stable_breaching=stable_breaching,
+        shared=prev.shared and tripped,
     )
+
+
+def breaches(rule: CompiledRule, value: float) -> bool:
+    """Whether a conclusive value is on the wrong side of the rule's threshold."""
+    return value > rule.threshold if rule.above else value < rule.threshold
 
 
 def _verdict(

@@ -52,13 +52,17 @@ class RuleTrack:
     interval_low: float | None = None
     interval_high: float | None = None
     evidence: Evidence | None = None
+    # absolute rules: the stable version's evaluation at this tick was conclusive and breaching;
+    # ``shared``: a tripped rollback rule is holding for a shared incident instead of rolling back
+    stable_breaching: bool = False
+    shared: bool = False
 
     def cleared(self) -> RuleTrack:
         """The same track with its breach tracking and a compare rule's evidence forgotten
         (after a traffic change: the comparison restarts with the new split)."""
         if self.breached_since is None and not self.tripped and self.evidence is None:
             return self
-        return _replace(self, breached_since=None, tripped=False, evidence=None)
+        return _replace(self, breached_since=None, tripped=False, evidence=None, shared=False)
 
 
 @dataclass(slots=True)

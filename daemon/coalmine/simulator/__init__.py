@@ -35,6 +35,7 @@ from anyio.abc import TaskStatus
 from coalmine.simulator.cloudflare import CloudflareApi, RateLimits
 from coalmine.simulator.deployments import ApiError, Deployment, Version
 from coalmine.simulator.graphql import AnalyticsLimits
+from coalmine.simulator.hooks import Incident, PagerDutyRest, WebhookReceiver
 from coalmine.simulator.prometheus import MetricsExporter, render
 from coalmine.simulator.receivers import Alert, Grafana, PagerDuty, Slack
 from coalmine.simulator.service import Injection, LoggedRequest, Service
@@ -62,17 +63,20 @@ __all__ = [
     "Deployment",
     "Fault",
     "Grafana",
+    "Incident",
     "Injection",
     "LoggedRequest",
     "MetricsExporter",
     "MinuteRow",
     "PagerDuty",
+    "PagerDutyRest",
     "RateLimits",
     "Service",
     "Simulator",
     "Slack",
     "Version",
     "VirtualClock",
+    "WebhookReceiver",
     "World",
     "render",
     "wall_clock",
@@ -116,12 +120,18 @@ class Simulator:
             prometheus_url=prometheus_url,
             host=host,
         )
+        self.webhooks = WebhookReceiver(clock, host=host)  # smoke tests for webhook rules
+        self.pagerduty_api = PagerDutyRest(
+            clock, token=f"u+{secrets.getrandbits(96):024x}", host=host
+        )  # incidents, for freezes
         self.services: list[Service] = [
             self.cloudflare,
             self.metrics,
             self.pagerduty,
             self.slack,
             self.grafana,
+            self.webhooks,
+            self.pagerduty_api,
         ]
 
     # -- running -------------------------------------------------------------------------------
@@ -204,6 +214,8 @@ class Simulator:
             "COALMINE_GRAFANA_URL": self.grafana_url,
             "COALMINE_GRAFANA_TOKEN": self.grafana_token,
             "COALMINE_GRAFANA_DATASOURCE_UID": self.grafana_datasource_uid,
+            "COALMINE_PAGERDUTY_API_URL": self.pagerduty_api.url,
+            "COALMINE_PAGERDUTY_API_TOKEN": self.pagerduty_api.token,
         }
 
     # -- shaping the world ---------------------------------------------------------------------

@@ -25,6 +25,10 @@ class Target:
     version: str
     canary: str
     stable: str
+    # where the rollout stands, for webhook rules: step (from 1), canary percent, phase
+    step: int = 0
+    weight: int = 0
+    phase: str = ""
 
 
 class Source(Protocol):
