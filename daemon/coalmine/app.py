@@ -225,15 +225,18 @@ async def open_daemon(
             metrics.observe_call(name, seconds, error)
             health.record(name, seconds, error)
 
+        rest = TokenBucket(settings.cloudflare_rate_limit, clock=monotonic, sleep=sleep)
         cloudflare = CloudflareClient(
             http,
             base_url=settings.cloudflare_api_url,
             account_id=settings.cloudflare_account_id or "",
             token=_secret(settings.cloudflare_api_token) or "",
-            limiter=TokenBucket(settings.cloudflare_rate_limit, clock=monotonic, sleep=sleep),
+            limiter=rest,
+            graphql_limiter=rest.sibling(settings.cloudflare_graphql_rate_limit),
             observe=observe,
             sleep=sleep,
         )
+        metrics.watch_budgets(cloudflare.budgets)
         sources = build_sources(settings, http, cloudflare, observe, policies, sleep)
         health.expect("cloudflare", *sources)
         receivers = Receivers(

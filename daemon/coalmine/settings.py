@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         le=1200,
         description="Cloudflare API calls per 5 minutes (the token's budget is 1,200).",
     )
+    cloudflare_graphql_rate_limit: int = Field(
+        default=200,
+        gt=0,
+        le=300,
+        description="GraphQL analytics queries per 5 minutes, a budget apart from the REST one"
+        " (Cloudflare's is 300; 1 a second when it answers `X-Rate-Limit-Type: account-based`).",
+    )
     discovery_interval: Duration = Field(
         default=timedelta(seconds=60),
         description="How often scripts without a canary are checked for a new split.",
