@@ -38,7 +38,7 @@ from coalmine.engine import (
 )
 from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
-from coalmine.notify.outbox import Outbox, notifications
+from coalmine.notify.outbox import Outbox, notifications, plain
 from coalmine.policy import Policy, Rule
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
@@ -242,7 +242,9 @@ class ScriptLoop:
                 "event_action": "trigger",
                 "dedup_key": key,
                 "payload": {
-                    "summary": f"coalmine {self.script}: cannot apply {what}: {error}"[:1024],
+                    "summary": plain(f"coalmine {self.script}: cannot apply {what}: {error}")[
+                        :1024
+                    ],
                     "source": "coalmine",
                     "severity": "critical",
                     "component": self.script,
