@@ -38,11 +38,17 @@ class CloudflareError(RemoteError):
     """A Cloudflare call failed; ``codes`` are the API's error codes, if it sent any."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, codes: Sequence[int] = ()
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        codes: Sequence[int] = (),
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.codes = tuple(codes)
+        self.detail = detail or message  # Cloudflare's own words, without the request line
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +394,7 @@ def _envelope_error(body: Any, status: int | None, prefix: str = "") -> Cloudfla
                 codes.append(e["code"])
             messages.append(f"{e.get('code', '?')}: {str(e.get('message', ''))[:200]}")
     text = "; ".join(messages) or (f"HTTP {status}" if status else "unsuccessful answer")
-    return CloudflareError(prefix + text, status=status, codes=codes)
+    return CloudflareError(prefix + text, status=status, codes=codes, detail=text)
 
 
 def _codes_text(body: Any) -> str:
