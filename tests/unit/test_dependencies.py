@@ -14,7 +14,11 @@ NOT_IMPORTED = {
     "sniffio": "httpcore imports it at every lock; without it each import searches sys.path",
     "tzdata": "the IANA database zoneinfo reads where the host has none",
 }
-IMPORT_NAMES = {"pyyaml": "yaml", "prometheus-client": "prometheus_client"}
+IMPORT_NAMES = {
+    "pyyaml": "yaml",
+    "prometheus-client": "prometheus_client",
+    "graphql-core": "graphql",
+}
 
 
 def _declared() -> list[str]:

@@ -386,7 +386,8 @@ async def test_graphql_errors_come_inside_a_200_and_limits_as_400() -> None:
         settings = await client.post(
             "/graphql",
             json={
-                "query": "{viewer{accounts{settings{workersInvocationsAdaptive{maxDuration}}}}}",
+                "query": "query($accountTag: string!){viewer{accounts(filter:{accountTag:"
+                "$accountTag}){settings{workersInvocationsAdaptive{maxDuration}}}}}",
                 "variables": {"accountTag": sim.account_id},
             },
         )

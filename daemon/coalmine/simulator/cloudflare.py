@@ -134,6 +134,8 @@ class CloudflareApi(Service):
         super().__init__(clock, host=host)
         self.world = world
         self.analytics = analytics or graphql.AnalyticsLimits()
+        # the schema GraphQL requests are validated against (tests may swap in a changed one)
+        self.analytics_schema = graphql.default_schema()
         self.rate_limits = rate_limits or RateLimits()
         self._id = _Identity(account_id, api_token, seed=seed)
         self._scripts: dict[str, ScriptState] = {}
@@ -288,7 +290,11 @@ class CloudflareApi(Service):
                 return error_response(405, METHOD_NOT_ALLOWED, "Method not allowed")
             _, body = json_body(request)
             answer = graphql.answer(
-                self.world, body, account_id=self.account_id, limits=self.analytics
+                self.world,
+                body,
+                account_id=self.account_id,
+                limits=self.analytics,
+                schema=self.analytics_schema,
             )
             if self.rate_limits.account_based:
                 answer.headers.append(("x-rate-limit-type", "account-based"))
