@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from coalmine import __version__
 from coalmine.cloudflare.actuator import Actuator
 from coalmine.cloudflare.budgets import TokenBucket
-from coalmine.cloudflare.client import CloudflareClient
+from coalmine.cloudflare.client import CloudflareClient, CloudflareError
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
 from coalmine.errors import ConfigError, StoreError
@@ -38,7 +38,7 @@ from coalmine.server.httpserver import serve
 from coalmine.server.metrics import Metrics
 from coalmine.settings import Settings
 from coalmine.sources import Source
-from coalmine.sources.cloudflare import CloudflareAnalytics
+from coalmine.sources.cloudflare import CHECK, CloudflareAnalytics, schema_page
 from coalmine.sources.pagerduty import NAME as PAGERDUTY_API
 from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.sources.prometheus import PrometheusSource
@@ -92,10 +92,13 @@ def build_sources(
         sources["grafana"] = PrometheusSource(
             http, proxy, observe=observe, headers=headers, name="grafana", sleep=sleep
         )
-    windows = [r.window for p in policies for r in p.rules if r.source == "cloudflare"]
-    if windows and settings.cloudflare_account_id:
+    rules = [r for p in policies for r in p.rules if r.source == "cloudflare"]
+    if rules and settings.cloudflare_account_id:
         sources["cloudflare"] = CloudflareAnalytics(
-            cloudflare, settings.cloudflare_account_id, longest_window=max(windows)
+            cloudflare,
+            settings.cloudflare_account_id,
+            longest_window=max(r.window for r in rules),
+            signals={r.signal for r in rules if r.signal is not None},
         )
     if any(r.source == "webhook" for p in policies for r in p.rules):
         sources["webhook"] = WebhookSource(http, observe=observe)
@@ -162,6 +165,7 @@ class Daemon:
             for loop in self.loops.values():
                 await self.shared.actuator.reconcile(loop.script)
             tg.start_soon(self.outbox.run)
+            tg.start_soon(self.check_analytics_schema)
             tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
             for i, loop in enumerate(self.loops.values(), start=1):
                 tg.start_soon(loop.run, loop_phase(i))
@@ -176,6 +180,31 @@ class Daemon:
                 auto_promote=self.settings.auto_promote,
             )
             task_status.started(bound)
+
+    async def check_analytics_schema(self, retry_every: float = 60.0) -> str | None:
+        """Check the Cloudflare analytics query against Cloudflare's schema (introspection),
+        retrying until Cloudflare answers; a missing field is named in /health, the log and
+        one warning page. Returns the problem, or None."""
+        source = self.shared.sources.get("cloudflare")
+        if not isinstance(source, CloudflareAnalytics):
+            return None
+        while True:
+            try:
+                problem = await source.check_schema()
+                break
+            except CloudflareError as exc:
+                log.warning("analytics schema check: Cloudflare did not answer", error=str(exc))
+                await anyio.sleep(retry_every)
+        self.health.record(CHECK, 0.0, problem)
+        if problem is not None and self.loops:
+            log.error("analytics query does not fit Cloudflare's schema", problem=problem)
+            loop = next(iter(self.loops.values()))  # the page is the daemon's, not a script's
+            now = self.shared.clock()
+            await self.store.commit(
+                loop.script, loop.state.to_json(), [], [schema_page(problem)], now
+            )
+            self.outbox.wake()
+        return problem
 
     async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""
@@ -234,15 +263,18 @@ async def open_daemon(
             metrics.observe_call(name, seconds, error)
             health.record(name, seconds, error)
 
+        rest = TokenBucket(settings.cloudflare_rate_limit, clock=monotonic, sleep=sleep)
         cloudflare = CloudflareClient(
             http,
             base_url=settings.cloudflare_api_url,
             account_id=settings.cloudflare_account_id or "",
             token=_secret(settings.cloudflare_api_token) or "",
-            limiter=TokenBucket(settings.cloudflare_rate_limit, clock=monotonic, sleep=sleep),
+            limiter=rest,
+            graphql_limiter=rest.sibling(settings.cloudflare_graphql_rate_limit),
             observe=observe,
             sleep=sleep,
         )
+        metrics.watch_budgets(cloudflare.budgets)
         sources = build_sources(settings, http, cloudflare, observe, policies, sleep)
         health.expect("cloudflare", *sources)
         receivers = Receivers(

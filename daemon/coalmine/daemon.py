@@ -19,7 +19,14 @@ from typing import Any
 import anyio
 import structlog
 
-from coalmine.cloudflare.actuator import Actuator, Applied, intent_for, intents_for
+from coalmine.cloudflare.actuator import (
+    Actuator,
+    Applied,
+    intent_for,
+    intents_for,
+    refusal_resolved,
+    withdrawal,
+)
 from coalmine.cloudflare.client import (
     CloudflareClient,
     CloudflareError,
@@ -38,7 +45,7 @@ from coalmine.engine import (
 )
 from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
-from coalmine.notify.outbox import Outbox, notifications
+from coalmine.notify.outbox import Outbox, notifications, plain
 from coalmine.policy import Policy, Rule
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
@@ -110,6 +117,7 @@ class ScriptLoop:
         self._pending: list[_Pending] = []
         self._stuck_paged = False
         self._blocked: str | None = None
+        self._refusal: str | None = None  # why Cloudflare refused a change for good
         self._wake = anyio.Event()
 
     @property
@@ -159,6 +167,17 @@ class ScriptLoop:
             raise CommandFailed(pending.error)
         return pending.decisions
 
+    async def version_problem(self, version: str) -> tuple[int, str] | None:
+        """Why ``version`` cannot be started, as an HTTP status and message, or None: 404 with
+        Cloudflare's message when it does not exist, 503 when Cloudflare could not say."""
+        try:
+            await self._shared.cloudflare.version(self.script, version)
+        except CloudflareError as exc:
+            if exc.status in (400, 404):
+                return 404, f"no version {version!r} of {self.script!r}: {exc.detail}"
+            return 503, f"cannot check version {version!r} with Cloudflare: {exc}; try again"
+        return None
+
     async def tick_safely(self, now: datetime) -> None:
         """One tick; remote and store failures are logged, reported in /health, never raised."""
         try:
@@ -179,9 +198,11 @@ class ScriptLoop:
         # while a change is still pending the live split is in between: judging it as drift
         # would be wrong, but rules are still evaluated, so a rollback can still be decided
         live = None if stuck else await self._read_live()
-        self._blocked = "a traffic change is still being applied" if stuck else None
         before = self.state
         pending, self._pending = self._pending, []
+        if self._refusal is not None and (pending or before.phase not in ACTIVE):
+            await self._clear_refusal(now)  # an operator acted, or the rollout is over
+        self._blocked = "a traffic change is still being applied" if stuck else self._refusal
         for item in pending:
             item.taken = True
         try:
@@ -205,7 +226,9 @@ class ScriptLoop:
         for intent, applied in await shared.actuator.reconcile(self.script):
             failed = isinstance(applied, Exception)
             shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
-            if (
+            if isinstance(applied, Applied) and applied.refused:
+                await self._withdraw(intent, applied, now)
+            elif (
                 isinstance(applied, Applied)
                 and not applied.superseded
                 and intent.kind != "rollback"
@@ -245,7 +268,9 @@ class ScriptLoop:
                 "event_action": "trigger",
                 "dedup_key": key,
                 "payload": {
-                    "summary": f"coalmine {self.script}: cannot apply {what}: {error}"[:1024],
+                    "summary": plain(f"coalmine {self.script}: cannot apply {what}: {error}")[
+                        :1024
+                    ],
                     "source": "coalmine",
                     "severity": "critical",
                     "component": self.script,
@@ -260,6 +285,25 @@ class ScriptLoop:
         note = NewNotification("pagerduty", event, key)
         await self._shared.store.commit(self.script, self.state.to_json(), [], [note], now)
         self._stuck_paged = intent is not None
+        self._shared.outbox.wake()
+
+    async def _withdraw(self, intent: Intent, applied: Applied, now: datetime) -> None:
+        """Cloudflare refused a change for good: restore the rollout to its state before the
+        tick that decided it, hold there (rules still judged, rollbacks still made) until an
+        operator acts, and page once with Cloudflare's reason."""
+        saved = intent.body.get("state_before")
+        state = RolloutState.from_json(saved) if isinstance(saved, dict) else self.state
+        entry, page, self._refusal = withdrawal(intent, applied, state.phase.value, now)
+        await self._shared.store.commit(self.script, state.to_json(), [entry], [page], now)
+        self.state = state
+        self._shared.outbox.wake()
+        log.error("traffic change refused for good; withdrawn", script=self.script, why=entry.body)
+
+    async def _clear_refusal(self, now: datetime) -> None:
+        """Resolve the refusal's page: an operator acted or the rollout ended."""
+        self._refusal = None
+        note = refusal_resolved(self.script)
+        await self._shared.store.commit(self.script, self.state.to_json(), [], [note], now)
         self._shared.outbox.wake()
 
     async def _decide(
@@ -313,7 +357,9 @@ class ScriptLoop:
             for intent, result in await shared.actuator.reconcile(self.script):
                 failed = isinstance(result, Exception)
                 shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
-                if failed:
+                if isinstance(result, Applied) and result.refused:
+                    await self._withdraw(intent, result, now)
+                elif failed:
                     log.warning(
                         "traffic change failed; retrying next tick",
                         script=self.script,
@@ -331,7 +377,7 @@ class ScriptLoop:
         live: LiveDeployment | None,
     ) -> None:
         entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
-        intents = intents_for(decisions, live)
+        intents = intents_for(decisions, live, before.to_json())
         await self._shared.store.commit(
             self.script, state.to_json(), entries, notifications(decisions, before), now, intents
         )

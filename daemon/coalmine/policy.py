@@ -101,6 +101,9 @@ def _format_version(value: object) -> object:
 
 FormatVersion = Annotated[Literal[1], BeforeValidator(_format_version)]
 ScriptName = Annotated[str, Field(min_length=1)]
+# Cloudflare's rule for a Worker's name (workers_schemas-script_name in the API's OpenAPI schema)
+SCRIPT_NAME = re.compile(r"[a-z0-9_][a-z0-9_-]*")
+SCRIPT_RULE = "lowercase letters, digits, - and _, not starting with -"
 # Finite: a NaN or infinite threshold would never breach, an infinite min_samples never pass.
 Number = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -531,6 +534,8 @@ def _misc_problems(policy: Policy) -> Iterator[tuple[Path, str]]:
         yield (("analysis", "interval"), "must be longer than 0s")
     seen: set[str] = set()
     for i, script in enumerate(policy.scripts):
+        if not SCRIPT_NAME.fullmatch(script):
+            yield (("scripts", i), f"{script!r} is not a Cloudflare Worker name: {SCRIPT_RULE}")
         if script in seen:
             yield (("scripts", i), f"lists script {script!r} twice")
         seen.add(script)

@@ -1,21 +1,24 @@
 """The daemon's configuration: environment variables ``COALMINE_*`` or a ``.env`` file.
 
 Built once in ``main`` with :func:`load_settings` and passed down; nothing reads the
-environment anywhere else. Secrets are :class:`~pydantic.SecretStr`, so they print as
+environment anywhere else. A ``COALMINE_*`` variable that is no setting (a misspelling) stops
+start-up with a "did you mean". Secrets are :class:`~pydantic.SecretStr`, so they print as
 ``**********`` in logs, reprs and errors. A bad value raises :class:`ConfigError` naming the
 variable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import os
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
 
 from coalmine.durations import format_duration
 from coalmine.errors import ConfigError
@@ -106,6 +109,13 @@ class Settings(BaseSettings):
         le=1200,
         description="Cloudflare API calls per 5 minutes (the token's budget is 1,200).",
     )
+    cloudflare_graphql_rate_limit: int = Field(
+        default=200,
+        gt=0,
+        le=300,
+        description="GraphQL analytics queries per 5 minutes, a budget apart from the REST one"
+        " (Cloudflare's is 300; 1 a second when it answers `X-Rate-Limit-Type: account-based`).",
+    )
     discovery_interval: Duration = Field(
         default=timedelta(seconds=60),
         description="How often scripts without a canary are checked for a new split.",
@@ -170,10 +180,42 @@ def env_name(field: str) -> str:
     return PREFIX + field.upper()
 
 
+# Read outside the settings model (by the command line), so not unknown.
+NOT_SETTINGS = frozenset({"COALMINE_DEBUG"})
+
+
+def unknown_variables(names: Iterable[str], where: str = "") -> list[str]:
+    """A problem for each ``COALMINE_*`` name that is no setting, with the likeliest meant."""
+    known = sorted({env_name(field) for field in Settings.model_fields} | NOT_SETTINGS)
+    problems = []
+    for name in sorted({n.upper() for n in names if n.upper().startswith(PREFIX)}):
+        if name in known:
+            continue
+        # compared without the prefix, which every name shares and would make all look alike
+        tails = [k.removeprefix(PREFIX) for k in known]
+        close = difflib.get_close_matches(name.removeprefix(PREFIX), tails, n=1, cutoff=0.6)
+        hint = f"did you mean {PREFIX}{close[0]}?" if close else "see docs/configuration.md"
+        problems.append(f"{name}{where}: unknown variable; {hint}")
+    return problems
+
+
+def _check_names(env: Mapping[str, str] | None, env_file: str | None) -> None:
+    """A misspelt variable would be ignored silently (``COALMINE_DRYRUN=true`` running live):
+    refuse every ``COALMINE_*`` name that is no setting, from the environment or ``.env``."""
+    problems = unknown_variables(os.environ if env is None else env)
+    if env is None and env_file is not None and Path(env_file).is_file():
+        dotenv = DotEnvSettingsSource(Settings, env_file=env_file).env_vars
+        problems += unknown_variables(dotenv, f" (in {env_file})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def load_settings(
     env: Mapping[str, str] | None = None, *, env_file: str | None = ".env"
 ) -> Settings:
-    """Build the settings from the environment (or ``env``); raise :class:`ConfigError`."""
+    """Build the settings from the environment (or ``env``); raise :class:`ConfigError`,
+    also for a ``COALMINE_*`` variable that is no setting."""
+    _check_names(env, env_file)
     try:
         if env is None:
             return Settings(_env_file=env_file)
@@ -198,7 +240,9 @@ def reference() -> str:
         "# Configuration",
         "",
         "coalmine reads its settings from environment variables (or a `.env` file in the working",
-        "directory). A malformed value stops it with a message naming the variable (exit 2).",
+        "directory). A malformed value stops it with a message naming the variable (exit 2), and",
+        "so does a `COALMINE_*` variable that is none of these, in the environment or `.env` (a",
+        "misspelt variable would otherwise be ignored): the message names the likeliest meant.",
         "Secrets are never printed, logged or exported. This file is generated from",
         "`coalmine.settings.Settings`; a test fails when the two differ.",
         "",

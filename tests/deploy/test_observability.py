@@ -45,12 +45,12 @@ GRAFANA_RANGES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h
 
 
 def promtool() -> str:
-    """The promtool binary, or skip (fail when COALMINE_REQUIRE_PROMETHEUS=1)."""
+    """The promtool binary, or skip (fail when REQUIRE_PROMETHEUS=1)."""
     found = shutil.which("promtool")
     if found:
         return found
     message = "promtool is not installed (Debian's prometheus package; make test installs it)"
-    if os.environ.get("COALMINE_REQUIRE_PROMETHEUS") == "1":
+    if os.environ.get("REQUIRE_PROMETHEUS") == "1":
         pytest.fail(message)
     pytest.skip(message)
 

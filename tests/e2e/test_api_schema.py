@@ -143,6 +143,8 @@ def test_with_the_token_every_answer_conforms(
     if _write(case, response) and sent_token and _script(case) == SCRIPT:
         if case.path.endswith("/start") and not _names_a_version(case.body):
             assert response.status_code == 400
+        elif case.path.endswith("/start"):  # a made-up version Cloudflare does not know: 404
+            assert response.status_code in (200, 202, 404, 409)
         else:  # applied, still being applied, or refused by the engine
             assert response.status_code in (200, 202, 409)
 

@@ -23,12 +23,12 @@ Series = tuple[str, dict[str, str], float]
 
 
 def binaries() -> tuple[str, str]:
-    """The prometheus and promtool binaries, or skip (fail when COALMINE_REQUIRE_PROMETHEUS=1)."""
+    """The prometheus and promtool binaries, or skip (fail when REQUIRE_PROMETHEUS=1)."""
     prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
     if prometheus and promtool:
         return prometheus, promtool
     message = "Debian's prometheus package is not installed (make test installs it when it can)"
-    if os.environ.get("COALMINE_REQUIRE_PROMETHEUS") == "1":
+    if os.environ.get("REQUIRE_PROMETHEUS") == "1":
         pytest.fail(message)
     pytest.skip(message)
 

@@ -116,12 +116,16 @@ async def test_one_query_serves_every_rule_over_a_closed_window() -> None:
     obs = {o.rule: o for o in await fetch_all(handler, rules)}
     assert len(queries) == 1
     variables = queries[0]["variables"]
-    assert (variables["start"], variables["end"]) == (
-        "2026-03-03T18:02:00Z",
-        "2026-03-03T18:07:00Z",
-    )
-    assert variables["versions"] == ["v1", "v2"]
-    assert "workersInvocationsAdaptive" in queries[0]["query"]
+    assert variables == {
+        "accountTag": "acc",
+        "filter": {
+            "scriptName": "api",
+            "datetime_geq": "2026-03-03T18:02:00Z",
+            "datetime_lt": "2026-03-03T18:07:00Z",
+            "scriptVersion_in": ["v1", "v2"],
+        },
+    }
+    assert "$filter: AccountWorkersInvocationsAdaptiveFilter_InputObject" in queries[0]["query"]
     assert (obs["requests"].value, obs["requests"].samples) == (100, 100)
     assert obs["errors"].value == 4
     assert obs["error_ratio"].value == pytest.approx(0.04)

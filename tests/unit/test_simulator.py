@@ -324,6 +324,23 @@ async def test_the_budget_is_enforced_with_429_and_retry_after() -> None:
     assert again.status_code == 200
 
 
+async def test_account_based_graphql_mode_says_so_and_admits_one_query_a_second() -> None:
+    """In account-based mode every GraphQL answer carries X-Rate-Limit-Type: account-based and
+    a second query in the same second is 429 with retry-after; a second later it goes."""
+    clock = VirtualClock()
+    sim = Simulator(clock=clock, rate_limits=RateLimits(account_based=True))
+    sim.add_script("api")
+    clock.advance(120)
+    async with api(sim) as client:
+        first = await graphql(client, sim, start=stamp(0), end=stamp(1))
+        second = await graphql(client, sim, start=stamp(0), end=stamp(1))
+        clock.advance(1)
+        third = await graphql(client, sim, start=stamp(0), end=stamp(1))
+    assert [r.status_code for r in (first, second, third)] == [200, 429, 200]
+    assert first.headers["x-rate-limit-type"] == "account-based"
+    assert second.headers["retry-after"] == "1"
+
+
 async def test_graphql_rows_follow_the_traffic_split() -> None:
     """10% of 600 req/min gives about 60 canary requests a minute, in Cloudflare's row shape."""
     clock = VirtualClock()
@@ -386,7 +403,8 @@ async def test_graphql_errors_come_inside_a_200_and_limits_as_400() -> None:
         settings = await client.post(
             "/graphql",
             json={
-                "query": "{viewer{accounts{settings{workersInvocationsAdaptive{maxDuration}}}}}",
+                "query": "query($accountTag: string!){viewer{accounts(filter:{accountTag:"
+                "$accountTag}){settings{workersInvocationsAdaptive{maxDuration}}}}}",
                 "variables": {"accountTag": sim.account_id},
             },
         )

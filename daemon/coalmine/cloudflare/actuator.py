@@ -7,6 +7,13 @@ journal), just record that; otherwise create the deployment, read it back to ver
 the result with a journal entry. After a crash the open intents are reconciled this way before
 anything else, so each change is applied once, neither repeated nor skipped. In dry-run mode
 no intent is ever created.
+
+A change Cloudflare refuses in a way retrying cannot fix (:func:`cannot_succeed`: a 4xx such
+as 10021 invalid request, 100405 Durable Object exports, a version not found) is *withdrawn*:
+recorded as ``refused: ...`` and not tried again; the daemon restores the rollout to the state
+it had before deciding it (kept in the intent as ``state_before``) and pages once. A rollback
+is never withdrawn: it keeps being retried and pages as stuck, because standing still on a
+breaching canary is worse than a retry loop.
 """
 
 from __future__ import annotations
@@ -16,22 +23,52 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from coalmine.cloudflare.client import CloudflareClient, CloudflareError, LiveDeployment
+from coalmine.cloudflare.client import (
+    SECRETS_CHANGED,
+    CloudflareClient,
+    CloudflareError,
+    LiveDeployment,
+)
 from coalmine.engine import Decision
+from coalmine.notify.outbox import plain
 from coalmine.store.base import StateStore
-from coalmine.store.records import Intent, NewEntry, NewIntent
+from coalmine.store.records import Intent, NewEntry, NewIntent, NewNotification
 
 TRAFFIC_ACTIONS = ("set_traffic", "promote", "rollback")
 
 
-def intents_for(decisions: Sequence[Decision], live: LiveDeployment | None) -> list[NewIntent]:
+# 4xx answers that may succeed later without changing the request: auth being fixed or
+# propagating (401, 403), timeouts (408), a concurrent change (409), the budget (429)
+RETRYABLE_4XX = frozenset({401, 403, 408, 409, 429})
+
+
+def cannot_succeed(exc: CloudflareError, kind: str) -> bool:
+    """Whether Cloudflare refused the change itself, so that sending it again cannot help.
+
+    Cloudflare answers a request that is wrong (an invalid body, 10021; Durable Object exports
+    that differ, 100405; a version that does not exist or is older than the last 100 uploads;
+    secrets changed, 10220, for anything but a rollback, which is then forced) with a 4xx.
+    """
+    if exc.status is None or not 400 <= exc.status < 500 or exc.status in RETRYABLE_4XX:
+        return False
+    return not (kind == "rollback" and SECRETS_CHANGED in exc.codes)
+
+
+def intents_for(
+    decisions: Sequence[Decision],
+    live: LiveDeployment | None,
+    state_before: dict[str, Any] | None = None,
+) -> list[NewIntent]:
     """The traffic changes a tick's decisions ask for, each recording the split it starts from
-    (the live one read at the start of the tick, then the previous change's target)."""
+    (the live one read at the start of the tick, then the previous change's target) and the
+    rollout's state before the tick (restored if Cloudflare refuses the change for good)."""
     out: list[NewIntent] = []
     current = [list(v) for v in live.versions] if live is not None else None
     for decision in decisions:
         intent = intent_for(decision, current)
         if intent is not None:
+            if state_before is not None:
+                intent.body["state_before"] = state_before
             out.append(intent)
             current = intent.body["versions"]
     return out
@@ -62,17 +99,56 @@ def intent_for(decision: Decision, start: list[list[Any]] | None = None) -> NewI
     return NewIntent(decision.script, decision.action, body)
 
 
+def withdrawal(
+    intent: Intent, applied: Applied, phase: str, now: datetime
+) -> tuple[NewEntry, NewNotification, str]:
+    """What a change refused for good leaves: a ``withdrawn`` journal entry (the rollout back
+    in ``phase``), one page (severity error) with Cloudflare's reason, and the reason the
+    rollout holds until an operator acts."""
+    why = applied.outcome.removeprefix("refused: ")
+    what = f"{intent.kind} ({intent.body.get('message')})"
+    key = f"coalmine/{intent.script}/refused"
+    summary = plain(f"coalmine {intent.script}: Cloudflare refused {what}, withdrawn: {why}")
+    event = {
+        "event_action": "trigger",
+        "dedup_key": key,
+        "payload": {
+            "summary": summary[:1024],
+            "source": "coalmine",
+            "severity": "error",
+            "component": plain(intent.script),
+            "class": "actuator",
+            "custom_details": {"intent": intent.id, "kind": intent.kind, "error": why[:500]},
+        },
+    }
+    body = {"intent": intent.id, "kind": intent.kind, "reason": why, "phase": phase}
+    entry = NewEntry(now, intent.script, "coalmine", "withdrawn", body)
+    hold = f"Cloudflare refused the {what}: {why}; fix it, then resume"
+    return entry, NewNotification("pagerduty", event, key), hold
+
+
+def refusal_resolved(script: str) -> NewNotification:
+    """The page of a withdrawn change, resolved (an operator acted, or the rollout ended)."""
+    key = f"coalmine/{script}/refused"
+    return NewNotification("pagerduty", {"event_action": "resolve", "dedup_key": key}, key)
+
+
 @dataclass(frozen=True, slots=True)
 class Applied:
     """What became of an intent: ``applied``, ``already live``, or ``superseded: ...``."""
 
-    live: LiveDeployment
+    live: LiveDeployment | None  # None: refused where no deployment was live
     outcome: str
 
     @property
     def superseded(self) -> bool:
         """The change was dropped because the live deployment moved on without coalmine."""
         return self.outcome.startswith("superseded")
+
+    @property
+    def refused(self) -> bool:
+        """Cloudflare refused the change for good: it was withdrawn, not applied."""
+        return self.outcome.startswith("refused")
 
 
 class Actuator:
@@ -105,9 +181,19 @@ class Actuator:
             await self._finish(intent, live, outcome)
             return Applied(live, outcome)
         else:
-            result = await self._client.deploy(
-                intent.script, versions, intent.body["message"], rollback=intent.kind == "rollback"
-            )
+            try:
+                result = await self._client.deploy(
+                    intent.script,
+                    versions,
+                    intent.body["message"],
+                    rollback=intent.kind == "rollback",
+                )
+            except CloudflareError as exc:
+                if not cannot_succeed(exc, intent.kind):
+                    raise
+                outcome = f"refused: {exc.detail}"
+                await self._finish(intent, live, outcome)
+                return Applied(live, outcome)
             check = await self._client.current(intent.script)
             if check is None or not check.matches(versions):
                 got = check.versions if check else "nothing"
@@ -116,23 +202,24 @@ class Actuator:
         await self._finish(intent, result, outcome)
         return Applied(result, outcome)
 
-    async def _finish(self, intent: Intent, live: LiveDeployment, outcome: str) -> None:
+    async def _finish(self, intent: Intent, live: LiveDeployment | None, outcome: str) -> None:
         now = self._clock()
+        deployment_id = live.id if live is not None else None
         entry = NewEntry(
             t=now,
             script=intent.script,
             actor="coalmine",
-            action="applied" if not outcome.startswith("superseded") else "superseded",
+            action=outcome.partition(":")[0] if ":" in outcome else "applied",
             body={
                 "intent": intent.id,
                 "kind": intent.kind,
                 "outcome": outcome,
-                "deployment_id": live.id,
-                "versions": [[v, p] for v, p in live.versions],
+                "deployment_id": deployment_id,
+                "versions": [[v, p] for v, p in live.versions] if live is not None else [],
             },
         )
         await self._store.finish_intent(
-            intent.id, {"deployment_id": live.id, "outcome": outcome}, now, entry
+            intent.id, {"deployment_id": deployment_id, "outcome": outcome}, now, entry
         )
 
     async def reconcile(

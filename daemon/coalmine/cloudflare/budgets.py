@@ -1,9 +1,12 @@
-"""One token bucket for every Cloudflare call, kept well under the account's budget.
+"""Token buckets for Cloudflare calls, kept well under the account's budgets.
 
-Cloudflare allows 1,200 requests per 5 minutes per token and, over it, refuses *every* call —
-a rollback too — for up to 5 minutes. So coalmine spends at most ``COALMINE_CLOUDFLARE_RATE_LIMIT``
-per 5 minutes, keeps a reserve that only writes may use, and puts rollbacks first in line. A 429
-from Cloudflare blocks the bucket until its ``retry-after`` has passed.
+Cloudflare allows 1,200 REST requests per 5 minutes per token and, over it, refuses *every* call —
+a rollback too — for up to 5 minutes. GraphQL analytics has its own budget on top (300 queries
+per 5 minutes, or 1 per second when an answer says ``X-Rate-Limit-Type: account-based``). So
+coalmine keeps two buckets: REST spends at most ``COALMINE_CLOUDFLARE_RATE_LIMIT`` per 5 minutes,
+keeps a reserve that only writes may use, and puts rollbacks first in line; GraphQL spends at
+most ``COALMINE_CLOUDFLARE_GRAPHQL_RATE_LIMIT``. A 429 blocks only the bucket it came from until
+its ``retry-after`` has passed: a GraphQL 429 never delays a rollback.
 """
 
 from __future__ import annotations
@@ -16,6 +19,14 @@ import anyio
 
 Kind = Literal["read", "write", "rollback"]
 WINDOW = 300.0  # seconds: Cloudflare's budget period
+
+
+class BudgetBlocked(Exception):
+    """A call would wait longer than its caller allows (a 429's retry-after, mostly)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"budget blocked for {seconds:.0f}s more")
+        self.seconds = seconds
 
 
 class TokenBucket:
@@ -59,12 +70,15 @@ class TokenBucket:
             return 0.0
         return (floor + 1.0 - self._tokens) / self.rate
 
-    async def take(self, kind: Kind) -> None:
-        """Wait until a call of ``kind`` may go."""
+    async def take(self, kind: Kind, *, max_wait: float | None = None) -> None:
+        """Wait until a call of ``kind`` may go; raise :class:`BudgetBlocked` instead of
+        waiting longer than ``max_wait`` seconds."""
         if kind == "rollback":
             self._rollbacks_waiting += 1
         try:
             while (wait := self.wait_for(kind)) > 0:
+                if max_wait is not None and wait > max_wait:
+                    raise BudgetBlocked(wait)
                 await self._sleep(wait)
         finally:
             if kind == "rollback":
@@ -74,8 +88,25 @@ class TokenBucket:
         """Cloudflare said 429: nothing goes for ``seconds``."""
         self._blocked_until = max(self._blocked_until, self._clock() + seconds)
 
+    def at_most_per_second(self, calls: float) -> None:
+        """Cloudflare switched the budget to ``calls`` per second (account-based GraphQL
+        limits): no faster than that, and no burst."""
+        capacity = max(1.0, calls)
+        if self.rate <= calls and self.capacity <= capacity:
+            return  # already this slow
+        self._refill()
+        self.rate = min(self.rate, calls)
+        self.capacity = min(self.capacity, capacity)
+        self.reserve = min(self.reserve, max(0.0, self.capacity - 1.0))
+        # the answer that said so spent a token: the next call waits a full interval
+        self._tokens = min(self._tokens, self.capacity - 1.0)
+
+    def sibling(self, per_window: int) -> TokenBucket:
+        """Another bucket on the same clock (GraphQL's, beside REST's): no write reserve."""
+        return TokenBucket(per_window, reserve_fraction=0.0, clock=self._clock, sleep=self._sleep)
+
     @property
     def tokens(self) -> float:
-        """Tokens available now (for /metrics)."""
-        self._refill()
-        return self._tokens
+        """Tokens available now (for /metrics): none while a 429 blocks the bucket."""
+        now = self._refill()
+        return 0.0 if now < self._blocked_until else self._tokens

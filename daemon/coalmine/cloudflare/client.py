@@ -2,10 +2,12 @@
 
 Follows reference/cloudflare-api.md: the ``{success, errors, messages, result}`` envelope,
 ``result.deployments`` (not ``items``) for deployments, ``result.items`` for versions, errors
-inside a 200 for GraphQL, 429 with ``retry-after``. Every call passes the shared
-:class:`~coalmine.ratelimit.TokenBucket`, has a timeout, and is retried (bounded, jittered) on
-429, 5xx and network errors. Failures surface as :class:`CloudflareError`; the token never
-appears in any message.
+inside a 200 for GraphQL, 429 with ``retry-after``. Every REST call passes the REST
+:class:`~coalmine.cloudflare.budgets.TokenBucket`, every GraphQL query the GraphQL one (a 429
+blocks only the bucket it came from; ``X-Rate-Limit-Type: account-based`` slows GraphQL to one
+query a second); every call has a timeout and is retried (bounded, jittered) on 429, 5xx and
+network errors. Script names and ids are percent-encoded into every URL. Failures surface as
+:class:`CloudflareError`; the token never appears in any message.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
 
-from coalmine.cloudflare.budgets import Kind, TokenBucket
+from coalmine.cloudflare.budgets import BudgetBlocked, Kind, TokenBucket
 from coalmine.engine import Deployment
 from coalmine.errors import RemoteError
 from coalmine.retry import Retryable, RetryPolicy, with_retries
 
 SECRETS_CHANGED = 10220  # rolling back to a version older than a secret change needs force=true
+DEFAULT_GRAPHQL_RATE_LIMIT = 200  # queries per 5 minutes: well under GraphQL's 300
+GRAPHQL_MAX_WAIT = 10.0  # seconds a query may wait for its budget; longer: inconclusive now
 Observe = Callable[[str, float, str | None], None]
 
 
@@ -33,11 +38,17 @@ class CloudflareError(RemoteError):
     """A Cloudflare call failed; ``codes`` are the API's error codes, if it sent any."""
 
     def __init__(
-        self, message: str, *, status: int | None = None, codes: Sequence[int] = ()
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        codes: Sequence[int] = (),
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.codes = tuple(codes)
+        self.detail = detail or message  # Cloudflare's own words, without the request line
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,7 @@ class CloudflareClient:
         account_id: str,
         token: str,
         limiter: TokenBucket,
+        graphql_limiter: TokenBucket | None = None,
         timeout: float = 15.0,
         retry: RetryPolicy | None = None,
         observe: Observe | None = None,
@@ -104,14 +116,23 @@ class CloudflareClient:
         self._account = account_id
         self._headers = {"Authorization": f"Bearer {token}"}
         self._limiter = limiter
+        self._graphql_limiter = graphql_limiter or limiter.sibling(DEFAULT_GRAPHQL_RATE_LIMIT)
         self._timeout = timeout
         self._retry = retry or RetryPolicy(attempts=4, base_delay=0.5, max_delay=8.0)
         self._observe = observe
         self._sleep = sleep
         self._rng = rng or random.Random()
 
+    @property
+    def budgets(self) -> dict[str, TokenBucket]:
+        """The token buckets by API (``rest``, ``graphql``), for /metrics."""
+        return {"rest": self._limiter, "graphql": self._graphql_limiter}
+
     def _script_url(self, script: str) -> str:
-        return f"{self._base}/accounts/{self._account}/workers/scripts/{script}"
+        # percent-encoded: a name like ``x/../../zones`` or ``a?force=true`` must stay one
+        # path segment of this account's scripts, never another endpoint or a query string
+        account, name = quote(self._account, safe=""), quote(script, safe="")
+        return f"{self._base}/accounts/{account}/workers/scripts/{name}"
 
     async def deployments(self, script: str) -> list[LiveDeployment]:
         """The script's deployments, newest (the one serving traffic) first."""
@@ -137,18 +158,17 @@ class CloudflareClient:
         items = result.get("items") if isinstance(result, dict) else None
         if not isinstance(items, list):
             raise CloudflareError("malformed versions answer: no result.items list")
-        out = {}
-        for item in items:
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                raw_meta = item.get("metadata")
-                meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-                number = item.get("number")
-                out[item["id"]] = Version(
-                    item["id"],
-                    int(number) if isinstance(number, int | float) else 0,
-                    str(meta.get("created_on", "")),
-                )
-        return out
+        versions = (_version(item) for item in items)
+        return {v.id: v for v in versions if v is not None}
+
+    async def version(self, script: str, version_id: str) -> Version:
+        """One version of the script; a version that does not exist raises
+        :class:`CloudflareError` with status 404 and Cloudflare's message."""
+        url = f"{self._script_url(script)}/versions/{quote(version_id, safe='')}"
+        found = _version(await self._call("GET", url, kind="read"))
+        if found is None:
+            raise CloudflareError("malformed version answer: no result.id")
+        return found
 
     async def deploy(
         self,
@@ -182,6 +202,7 @@ class CloudflareClient:
             f"{self._base}/graphql",
             json={"query": query, "variables": variables},
             kind="read",
+            limiter=self._graphql_limiter,
         )
         if not isinstance(body, dict):
             raise CloudflareError("malformed GraphQL answer: not an object")
@@ -214,11 +235,29 @@ class CloudflareClient:
             raise _envelope_error(body, None)
         return body.get("result")
 
-    async def _request(self, method: str, url: str, *, kind: Kind, **kwargs: Any) -> Any:
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        kind: Kind,
+        limiter: TokenBucket | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        bucket = limiter or self._limiter
+        # an analytics query does not wait out a long 429 inside a tick (its answer would be
+        # stale by then): it is inconclusive now and asked again at the next tick
+        max_wait = GRAPHQL_MAX_WAIT if bucket is self._graphql_limiter else None
+
         async def attempt() -> Any:
-            await self._limiter.take(kind)
             try:
-                return await self._attempt(method, url, **kwargs)
+                await bucket.take(kind, max_wait=max_wait)
+            except BudgetBlocked as exc:
+                raise CloudflareError(
+                    f"{method} {_path(url)}: not sent, {_api(url)} budget spent ({exc})"
+                ) from None
+            try:
+                return await self._attempt(method, url, bucket, **kwargs)
             except Retryable as exc:
                 if method == "POST" and kind != "read" and exc.sent:
                     # a write the server may have applied: never repeat it blind; the actuator
@@ -233,7 +272,7 @@ class CloudflareClient:
         except Retryable as exc:
             raise CloudflareError(f"{method} {_path(url)}: {exc.reason}") from None
 
-    async def _attempt(self, method: str, url: str, **kwargs: Any) -> Any:
+    async def _attempt(self, method: str, url: str, bucket: TokenBucket, **kwargs: Any) -> Any:
         started = time.perf_counter()
         error: str | None = None
         try:
@@ -256,26 +295,34 @@ class CloudflareClient:
         finally:
             if error and self._observe:
                 self._observe(_dependency(url), time.perf_counter() - started, error)
-        status = response.status_code
         try:
             body = response.json()
         except ValueError:
             body = None
         if self._observe:
-            self._observe(_dependency(url), time.perf_counter() - started, _failure(status, body))
-        if status == 429:
-            after = _seconds(response.headers.get("retry-after"), default=60.0)
-            self._limiter.block(after)  # the next attempt's take() waits it out, for every call
-            raise Retryable(f"rate limited (429, retry-after {after:g}s)", after=0.0, sent=False)
-        if status >= 500:
-            raise Retryable(f"HTTP {status}" + _codes_text(body))
-        if body is None:
-            if status >= 400:
-                raise CloudflareError(f"{method} {_path(url)}: HTTP {status}", status=status)
-            raise Retryable(f"HTTP {status}: malformed answer (not JSON)")
+            failure = _failure(response.status_code, body)
+            self._observe(_dependency(url), time.perf_counter() - started, failure)
+        return _judge(response, body, bucket, f"{method} {_path(url)}: ")
+
+
+def _judge(response: httpx.Response, body: Any, bucket: TokenBucket, prefix: str) -> Any:
+    """The body of a good answer; a bad one raises (:class:`Retryable` when worth retrying)."""
+    status = response.status_code
+    if response.headers.get("x-rate-limit-type", "").lower() == "account-based":
+        bucket.at_most_per_second(1.0)  # Cloudflare's account-based mode: 1 request/s
+    if status == 429:
+        after = _seconds(response.headers.get("retry-after"), default=60.0)
+        bucket.block(after)  # the next attempt's take() waits it out, on this API only
+        raise Retryable(f"rate limited (429, retry-after {after:g}s)", after=0.0, sent=False)
+    if status >= 500:
+        raise Retryable(f"HTTP {status}" + _codes_text(body))
+    if body is None:
         if status >= 400:
-            raise _envelope_error(body, status, f"{method} {_path(url)}: ")
-        return body
+            raise CloudflareError(f"{prefix}HTTP {status}", status=status)
+        raise Retryable(f"HTTP {status}: malformed answer (not JSON)")
+    if status >= 400:
+        raise _envelope_error(body, status, prefix)
+    return body
 
 
 def _failure(status: int, body: Any) -> str | None:
@@ -289,6 +336,23 @@ def _failure(status: int, body: Any) -> str | None:
     if isinstance(body, dict) and (body.get("errors") or body.get("success") is False):
         return "api_error"
     return None
+
+
+def _api(url: str) -> str:
+    return "GraphQL" if url.endswith("/graphql") else "REST"
+
+
+def _version(item: Any) -> Version | None:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+        return None
+    raw_meta = item.get("metadata")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    number = item.get("number")
+    return Version(
+        item["id"],
+        int(number) if isinstance(number, int | float) else 0,
+        str(meta.get("created_on", "")),
+    )
 
 
 def _dependency(url: str) -> str:
@@ -330,7 +394,7 @@ def _envelope_error(body: Any, status: int | None, prefix: str = "") -> Cloudfla
                 codes.append(e["code"])
             messages.append(f"{e.get('code', '?')}: {str(e.get('message', ''))[:200]}")
     text = "; ".join(messages) or (f"HTTP {status}" if status else "unsuccessful answer")
-    return CloudflareError(prefix + text, status=status, codes=codes)
+    return CloudflareError(prefix + text, status=status, codes=codes, detail=text)
 
 
 def _codes_text(body: Any) -> str:

@@ -10,7 +10,8 @@ never holds a secret.
   1,024 characters (longer is rejected, not truncated, by PagerDuty), ``custom_details`` with
   rule, value, threshold, window, samples, versions and the reason;
 - ``pagerduty_change``: a change event for every step, promotion, rollback and completion;
-- ``slack``: warnings and outcomes;
+- ``slack``: warnings and outcomes, with ``&``, ``<`` and ``>`` escaped (an operator's text
+  cannot ping a channel or forge a link); PagerDuty summaries are one line of plain text;
 - ``grafana``: one region annotation per rollout, from its start to its end, tagged
   ``coalmine``, the script and the outcome.
 """
@@ -57,6 +58,21 @@ def notifications(
     return out
 
 
+def slack_escape(text: str) -> str:
+    """Text as Slack shows it literally: ``&``, ``<`` and ``>`` are its control characters
+    (``<!channel>``, ``<url|label>``), so an operator-supplied string cannot ping or link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029], " ")
+
+
+def plain(text: str) -> str:
+    """Text safe as one line of plain text (PagerDuty summaries): control characters and line
+    breaks become spaces, so an operator-supplied string cannot forge a line of its own."""
+    return text.translate(_CONTROL)
+
+
 def _details(d: Decision) -> dict[str, Any]:
     details = {k: v for k, v in d.to_dict().items() if k not in ("t", "action", "dedup_key")}
     details["decided_at"] = format_time(d.t)
@@ -66,7 +82,7 @@ def _details(d: Decision) -> dict[str, Any]:
 def _pagerduty_event(d: Decision, links: dict[str, str]) -> dict[str, Any]:
     if d.action == "resolve":
         return {"event_action": "resolve", "dedup_key": d.dedup_key}
-    summary = f"coalmine {d.script}: {d.reason}"
+    summary = plain(f"coalmine {d.script}: {d.reason}")
     return {
         "event_action": "trigger",
         "dedup_key": d.dedup_key,
@@ -77,8 +93,8 @@ def _pagerduty_event(d: Decision, links: dict[str, str]) -> dict[str, Any]:
             "source": "coalmine",
             "severity": d.severity or "error",
             "timestamp": format_time(d.t),
-            "component": d.script,
-            "class": d.rule or "rollout",
+            "component": plain(d.script),
+            "class": plain(d.rule or "rollout"),
             "custom_details": _details(d),
         },
         "links": [{"href": href, "text": text} for text, href in links.items()],
@@ -89,7 +105,9 @@ def _change_event(d: Decision) -> dict[str, Any]:
     percent = f" ({d.canary_percent}%)" if d.canary_percent is not None else ""
     return {
         "payload": {
-            "summary": f"coalmine {d.script}: {d.action} {d.canary}{percent}"[:SUMMARY_LIMIT],
+            "summary": plain(f"coalmine {d.script}: {d.action} {d.canary}{percent}")[
+                :SUMMARY_LIMIT
+            ],
             "source": "coalmine",
             "timestamp": format_time(d.t),
             "custom_details": _details(d),
@@ -103,7 +121,7 @@ def _slack_text(d: Decision) -> str:
         "rollback": ":rotating_light:",
         "complete": ":white_check_mark:",
     }.get(d.action, ":bird:")
-    return f"{icon} *{d.script}* {d.action}: {d.reason}"
+    return f"{icon} *{slack_escape(d.script)}* {d.action}: {slack_escape(d.reason)}"
 
 
 def _annotation(d: Decision, started: datetime, outcome: str) -> dict[str, Any]:

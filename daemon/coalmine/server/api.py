@@ -168,6 +168,8 @@ class Api:
             version = body.get("version") if isinstance(body, dict) else None
             if not isinstance(version, str) or not version:
                 return _json(400, {"error": 'start needs {"version": "<version id>"}'})
+            if problem := await loop.version_problem(version):
+                return _json(problem[0], {"error": problem[1]})
         try:
             decisions = await loop.submit(Command(kind, version))
         except CommandFailed as exc:

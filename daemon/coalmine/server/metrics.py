@@ -7,12 +7,24 @@ latest value, threshold, sample count and whether it breaches.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from coalmine import __version__
 from coalmine.engine import Decision, RolloutPhase, RolloutState
 from coalmine.engine.judge import CompiledRule
 from coalmine.engine.state import RuleStatus
+
+
+class Budget(Protocol):
+    """A rate budget that can say how much is left (a Cloudflare token bucket)."""
+
+    @property
+    def tokens(self) -> float:
+        """Calls that could go now."""
+        ...
 
 
 class Metrics:
@@ -137,6 +149,19 @@ class Metrics:
             registry=registry,
         )
 
+        self.budget_left = Gauge(
+            "coalmine_cloudflare_budget_tokens",
+            "Cloudflare calls coalmine may send now, per API budget (rest, graphql); 0 while a"
+            " 429's retry-after blocks it.",
+            ["api"],
+            registry=registry,
+        )
+
+    def watch_budgets(self, budgets: Mapping[str, Budget]) -> None:
+        """Export each budget's tokens left, read at every scrape."""
+        for api, budget in budgets.items():
+            self.budget_left.labels(api).set_function(_reader(budget))
+
     def observe_call(self, source: str, seconds: float, error: str | None) -> None:
         """A source or API call finished (the hook sources and clients are given)."""
         self.source_latency.labels(source).observe(seconds)
@@ -176,6 +201,10 @@ class Metrics:
             self.decisions.labels(script, d.action).inc()
             if d.action == "rollback":
                 self.rollbacks.labels(script).inc()
+
+
+def _reader(budget: Budget) -> Callable[[], float]:
+    return lambda: budget.tokens
 
 
 def _value(value: float | None) -> float:

@@ -222,7 +222,7 @@ def _command(kind: str) -> dict[str, Any]:
                 },
             ),
             "403": _json("a wrong token, or writes are disabled (no token configured)", "Error"),
-            "404": _json("no such script", "Error"),
+            "404": _json("no such script (start: no such version, Cloudflare's message)", "Error"),
             "409": _json("refused by the engine (the decisions are warnings)", "CommandResult"),
             "413": _text("body over 64 KiB"),
             "503": _json("not applied (the tick failed or none came); try again", "Error"),

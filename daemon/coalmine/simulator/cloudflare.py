@@ -96,6 +96,9 @@ class RateLimits:
     requests: int | None = 1200
     graphql: int | None = 300
     window: timedelta = timedelta(minutes=5)
+    # Cloudflare's account-based GraphQL mode: answers say `X-Rate-Limit-Type: account-based`
+    # and at most one query a second is admitted
+    account_based: bool = False
 
 
 @dataclass
@@ -131,12 +134,16 @@ class CloudflareApi(Service):
         super().__init__(clock, host=host)
         self.world = world
         self.analytics = analytics or graphql.AnalyticsLimits()
+        # the schema GraphQL requests are validated against (tests may swap in a changed one)
+        self.analytics_schema = graphql.default_schema()
         self.rate_limits = rate_limits or RateLimits()
         self._id = _Identity(account_id, api_token, seed=seed)
         self._scripts: dict[str, ScriptState] = {}
         window = self.rate_limits.window
         self.budget = WindowLimiter(clock, self.rate_limits.requests, window)  # per token
         self.graphql_budget = WindowLimiter(clock, self.rate_limits.graphql, window)
+        per_second = 1 if self.rate_limits.account_based else None
+        self.account_budget = WindowLimiter(clock, per_second, timedelta(seconds=1))
 
     @property
     def account_id(self) -> str:
@@ -282,9 +289,16 @@ class CloudflareApi(Service):
             if request.method != "POST":
                 return error_response(405, METHOD_NOT_ALLOWED, "Method not allowed")
             _, body = json_body(request)
-            return graphql.answer(
-                self.world, body, account_id=self.account_id, limits=self.analytics
+            answer = graphql.answer(
+                self.world,
+                body,
+                account_id=self.account_id,
+                limits=self.analytics,
+                schema=self.analytics_schema,
             )
+            if self.rate_limits.account_based:
+                answer.headers.append(("x-rate-limit-type", "account-based"))
+            return answer
         for name, pattern in _ROUTES:
             match = pattern.match(request.path)
             if match:
@@ -293,7 +307,9 @@ class CloudflareApi(Service):
 
     def _over_budget(self, request: Request, token: str | None) -> Response | None:
         key = token or "anonymous"
-        limiters = [self.budget, self.graphql_budget] if request.path == _GRAPHQL else [self.budget]
+        limiters = [self.budget]
+        if request.path == _GRAPHQL:
+            limiters += [self.graphql_budget, self.account_budget]
         for limiter in limiters:
             wait = limiter.admit(key)
             if wait is not None:

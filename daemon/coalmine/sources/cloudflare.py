@@ -13,12 +13,24 @@ are measured over the same window. Signals, per version, over the rule's ``windo
 - a compare rule (signal ``errors``) gets the counts, ``events`` errors of ``samples`` requests,
   with the window, so that the engine counts each closed window once.
 
-The sample count of every signal is the version's requests in the window.
+Cloudflare samples its adaptive datasets: a row's ``avg { sampleInterval }`` of ``k`` means one
+invocation in ``k`` was kept and its sums are estimates (kept times ``k``). Values (requests,
+errors, ratios, quantiles) use the estimates; the sample count of every signal, and the counts
+a compare rule tests, are the invocations actually kept (each row's sums ÷ its interval), so
+``min_samples`` counts measured invocations and a sampled window is never taken for more
+evidence than it holds. Without sampling (``k`` = 1) both are the version's requests.
+
+The query passes its filter as one variable of Cloudflare's input-object type
+(``AccountWorkersInvocationsAdaptiveFilter_InputObject``), so it declares no scalar type whose
+name public queries disagree on (``Time`` or ``string``). :meth:`CloudflareAnalytics.check_schema`
+asks Cloudflare by introspection whether the filter and group types have every field the query
+uses; a missing one makes every Cloudflare rule inconclusive with a reason naming it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,28 +42,67 @@ from coalmine.engine import Observation
 from coalmine.engine.model import format_time
 from coalmine.policy import Rule
 from coalmine.sources import Target
+from coalmine.store.records import NewNotification
 
-QUERY = """
-query Canary($accountTag: string!, $script: string!, $start: Time!, $end: Time!,
-             $versions: [string!]) {
-  viewer { accounts(filter: {accountTag: $accountTag}) {
-    workersInvocationsAdaptive(limit: 10000,
-      filter: {scriptName: $script, datetime_geq: $start, datetime_lt: $end,
-               scriptVersion_in: $versions},
-      orderBy: [datetimeMinute_ASC]) {
-      sum { requests errors subrequests }
-      quantiles { cpuTimeP50 cpuTimeP99 wallTimeP50 wallTimeP99 }
-      avg { sampleInterval }
-      dimensions { datetimeMinute scriptVersion }
-    } } }
-}
-""".strip()
-
+CHECK = "cloudflare_analytics_schema"  # its name in /health
+FILTER_TYPE = "AccountWorkersInvocationsAdaptiveFilter_InputObject"
+GROUP_TYPE = "AccountWorkersInvocationsAdaptive"
 _QUANTILES = {
     "cpu_time_p50": "cpuTimeP50",
     "cpu_time_p99": "cpuTimeP99",
     "wall_time_p99": "wallTimeP99",
 }
+# what the query needs of Cloudflare's schema, by the group's field (quantiles: as asked)
+FILTER_FIELDS = ("scriptName", "datetime_geq", "datetime_lt", "scriptVersion_in")
+GROUP_FIELDS = {
+    "sum": ("requests", "errors"),
+    "avg": ("sampleInterval",),
+    "dimensions": ("datetimeMinute", "scriptVersion"),
+}
+INTROSPECTION = f"""
+query CoalmineSchemaCheck {{
+  filter: __type(name: "{FILTER_TYPE}") {{ inputFields {{ name }} }}
+  group: __type(name: "{GROUP_TYPE}") {{
+    fields {{ name type {{ name fields {{ name }} ofType {{ name fields {{ name }} }} }} }}
+  }}
+}}
+""".strip()
+
+
+def schema_page(problem: str) -> NewNotification:
+    """The one warning page saying the analytics query does not fit Cloudflare's schema."""
+    key = f"coalmine/{CHECK}"
+    event = {
+        "event_action": "trigger",
+        "dedup_key": key,
+        "payload": {
+            "summary": f"coalmine: every Cloudflare rule is inconclusive: {problem}"[:1024],
+            "source": "coalmine",
+            "severity": "warning",
+            "class": CHECK,
+            "custom_details": {"problem": problem},
+        },
+    }
+    return NewNotification("pagerduty", event, key)
+
+
+def query_for(quantiles: Iterable[str] = _QUANTILES.values()) -> str:
+    """coalmine's analytics query, asking for these quantiles (Cloudflare's names) only."""
+    wanted = " ".join(sorted(set(quantiles)))
+    asked = f"\n      quantiles {{ {wanted} }}" if wanted else ""
+    return f"""
+query CoalmineCanary($accountTag: string!, $filter: {FILTER_TYPE}) {{
+  viewer {{ accounts(filter: {{accountTag: $accountTag}}) {{
+    workersInvocationsAdaptive(limit: 10000, filter: $filter) {{
+      sum {{ requests errors }}{asked}
+      avg {{ sampleInterval }}
+      dimensions {{ datetimeMinute scriptVersion }}
+    }} }} }}
+}}
+""".strip()
+
+
+QUERY = query_for()
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +111,15 @@ class Row:
 
     minute: datetime
     version: str
-    requests: float
+    requests: float  # estimates when sampled
     errors: float
     quantiles: dict[str, float | None]
+    sample_interval: float = 1.0  # one invocation in this many was kept
+
+    @property
+    def kept(self) -> tuple[float, float]:
+        """The requests and errors actually sampled (the estimates ÷ the interval)."""
+        return self.requests / self.sample_interval, self.errors / self.sample_interval
 
 
 @dataclass
@@ -84,12 +141,30 @@ class CloudflareAnalytics:
         *,
         delay: timedelta = timedelta(minutes=3),
         longest_window: timedelta = timedelta(minutes=5),
+        signals: Iterable[str] | None = None,
     ) -> None:
         self._client = client
         self._account = account_id
         self._delay = delay
         self._longest = longest_window
         self._queries: dict[tuple[str, datetime, tuple[str, ...]], _Query] = {}
+        chosen = _QUANTILES if signals is None else set(signals) & set(_QUANTILES)
+        self._quantiles = sorted({_QUANTILES[s] for s in chosen})
+        self.query = query_for(self._quantiles)
+        self.schema_problem: str | None = None  # set by check_schema when a field is missing
+
+    async def check_schema(self) -> str | None:
+        """Ask Cloudflare (introspection) whether its schema has every type and field the query
+        uses; the problem naming the missing ones, or None. Raises CloudflareError when
+        Cloudflare could not be asked."""
+        data = await self._client.graphql(INTROSPECTION, {})
+        missing = _missing(data, self._quantiles)
+        self.schema_problem = (
+            "Cloudflare's analytics schema lacks " + ", ".join(missing) + " (see /health)"
+            if missing
+            else None
+        )
+        return self.schema_problem
 
     def window(self, rule: Rule, at: datetime) -> tuple[datetime, datetime]:
         """The closed window judged at ``at``: whole minutes ending ``delay`` before it."""
@@ -101,14 +176,17 @@ class CloudflareAnalytics:
         """The rule's signal for the target version; failures are inconclusive."""
         assert rule.signal is not None
         start, end = self.window(rule, at)
+        if self.schema_problem is not None:
+            return Observation(rule.name, target.role, None, None, self.schema_problem)
         query = await self._rows(target, end)
         if query.error is not None:
             return Observation(rule.name, target.role, None, None, query.error)
         rows = [r for r in query.rows if r.version == target.version and start <= r.minute < end]
         if rule.compare is not None:
-            # counts, for the canary-vs-stable test: a version idle in the window counts 0 of 0
-            requests = sum(r.requests for r in rows)
-            errors = sum(r.errors for r in rows)
+            # counts, for the canary-vs-stable test: a version idle in the window counts 0 of 0;
+            # sampled windows count what was kept, not the estimates
+            requests = sum(r.kept[0] for r in rows)
+            errors = sum(r.kept[1] for r in rows)
             rate = errors / requests if requests else None
             return Observation(
                 rule.name, target.role, rate, requests, events=errors, span=(start, end)
@@ -139,12 +217,14 @@ class CloudflareAnalytics:
             start = end - max(self._longest, timedelta(minutes=1))
             variables = {
                 "accountTag": self._account,
-                "script": target.script,
-                "start": format_time(start),
-                "end": format_time(end),
-                "versions": list(versions),
+                "filter": {
+                    "scriptName": target.script,
+                    "datetime_geq": format_time(start),
+                    "datetime_lt": format_time(end),
+                    "scriptVersion_in": list(versions),
+                },
             }
-            data = await self._client.graphql(QUERY, variables)
+            data = await self._client.graphql(self.query, variables)
             query.rows = _parse(data)
         except CloudflareError as exc:
             query.error = str(exc)
@@ -181,6 +261,7 @@ def _parse(data: dict[str, Any]) -> list[Row]:
         try:
             dims, sums = group["dimensions"], group["sum"]
             quantiles = group.get("quantiles") or {}
+            interval = (group.get("avg") or {}).get("sampleInterval", 1)
             minute = datetime.fromisoformat(_text(dims["datetimeMinute"]).replace("Z", "+00:00"))
             rows.append(
                 Row(
@@ -189,6 +270,7 @@ def _parse(data: dict[str, Any]) -> list[Row]:
                     _count(sums["requests"]),
                     _count(sums["errors"]),
                     {k: _number(quantiles.get(k)) for k in _QUANTILES.values() if k in quantiles},
+                    _interval(interval),
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -208,24 +290,60 @@ def _count(value: Any) -> float:
     return float(value)
 
 
+def _interval(value: Any) -> float:
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 1 <= value < math.inf:
+        raise ValueError(f"expected a sample interval of at least 1, got {value!r}")
+    return float(value)
+
+
+def _missing(data: dict[str, Any], quantiles: list[str]) -> list[str]:
+    """The types and fields the query needs that an introspection answer lacks."""
+    if not isinstance(data.get("filter"), dict):
+        return [f"the filter type {FILTER_TYPE}"]
+    have = {f.get("name") for f in data["filter"].get("inputFields") or [] if isinstance(f, dict)}
+    missing = [f"{FILTER_TYPE}.{name}" for name in FILTER_FIELDS if name not in have]
+    if not isinstance(data.get("group"), dict):
+        return [*missing, f"the group type {GROUP_TYPE}"]
+    parts = {
+        f.get("name"): f.get("type") or {}
+        for f in data["group"].get("fields") or []
+        if isinstance(f, dict)
+    }
+    needed = {**GROUP_FIELDS, **({"quantiles": tuple(quantiles)} if quantiles else {})}
+    for part, names in needed.items():
+        if part not in parts:
+            missing.append(f"{GROUP_TYPE}.{part}")
+            continue
+        kind = parts[part]
+        kind = kind if kind.get("fields") is not None else (kind.get("ofType") or {})
+        fields = {f.get("name") for f in kind.get("fields") or [] if isinstance(f, dict)}
+        type_name = kind.get("name") or part
+        missing += [f"{type_name}.{name}" for name in names if name not in fields]
+    return missing
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _signal(signal: str, rows: list[Row], minutes: float) -> tuple[float | None, float]:
+    """The signal's value (from the estimates) and its sample count (invocations kept)."""
     requests = sum(r.requests for r in rows)
     errors = sum(r.errors for r in rows)
+    kept = sum(r.kept[0] for r in rows)
     if signal == "requests":
-        return requests, requests
+        return requests, kept
     if signal == "errors":
-        return errors, requests
+        return errors, kept
     if signal == "errors_per_minute":
-        return errors / minutes, requests
+        return errors / minutes, kept
     if signal == "error_ratio":
-        return errors / requests, requests
+        return errors / requests, kept
     name = _QUANTILES[signal]
     weighted = [(r.quantiles[name], r.requests) for r in rows if r.requests > 0]
     known = [(q, n) for q, n in weighted if q is not None]
     if not known:
-        return None, requests
-    return sum(q * n for q, n in known) / sum(n for _, n in known) / 1000.0, requests
+        return None, kept
+    return sum(q * n for q, n in known) / sum(n for _, n in known) / 1000.0, kept
