@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from coalmine.server.httpserver import Response
+from coalmine.simulator.service import Response
 from coalmine.simulator.traffic import MinuteRow, World
 
 DATASET = "workersInvocationsAdaptive"
