@@ -34,7 +34,7 @@ from coalmine.policy import Policy
 from coalmine.policyfile import load_policies
 from coalmine.server.api import Api
 from coalmine.server.health import Health
-from coalmine.server.httpserver import serve
+from coalmine.server.http import serve
 from coalmine.server.metrics import Metrics
 from coalmine.settings import Settings
 from coalmine.sources import Source
@@ -160,7 +160,9 @@ class Daemon:
         host, port = self.settings.listen_address
         async with anyio.create_task_group() as tg:
             bound = await tg.start(
-                lambda task_status: serve(self.api, host, port, task_status=task_status)
+                lambda task_status: serve(
+                    self.api, host, port, task_status=task_status, on_accept=self.accepting
+                )
             )
             for loop in self.loops.values():
                 await self.shared.actuator.reconcile(loop.script)
@@ -205,6 +207,15 @@ class Daemon:
             )
             self.outbox.wake()
         return problem
+
+    def accepting(self, error: str | None) -> None:
+        """The HTTP server's accept started failing (EMFILE, ...) or works again: /health
+        shows its ``http`` check failing meanwhile; the loops go on."""
+        self.health.record("http", 0.0, error)
+        if error is None:
+            log.info("accepting HTTP connections again")
+        else:
+            log.error("cannot accept HTTP connections", error=error)
 
     async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""

@@ -19,7 +19,7 @@ import httpx
 
 from coalmine.app import Daemon, open_daemon, prepare
 from coalmine.engine import Decision, RolloutPhase
-from coalmine.server.httpserver import serve
+from coalmine.server.http import serve
 from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, Simulator, VirtualClock
 from coalmine.store.sqlite import SqliteStore, ThreadedSqlite

@@ -206,7 +206,7 @@ async def test_prometheus_down_holds_and_pages_never_promotes_then_carries_on(
 ) -> None:
     """Prometheus unreachable: inconclusive, hold, a warning page, no advance; back: it goes on."""
     from coalmine.cli.localprom import free_port
-    from coalmine.server.httpserver import Request, Response, serve
+    from coalmine.simulator.service import Request, Response, serve
 
     port = free_port()
 

@@ -11,9 +11,9 @@ from coalmine.cli.localprom import free_port
 from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient
 from coalmine.policy import Rule
-from coalmine.server.httpserver import Request, Response, serve
 from coalmine.settings import load_settings
 from coalmine.simulator import Simulator
+from coalmine.simulator.service import Request, Response, serve
 from coalmine.sources import Target
 from tests.support import T0
 

@@ -37,9 +37,9 @@ from coalmine.cli.localprom import wait_until_ready
 from coalmine.engine import Decision, RolloutPhase
 from coalmine.errors import StoreError
 from coalmine.notify.outbox import CHANGE_ACTIONS, SLACK_ACTIONS
-from coalmine.server.httpserver import Request, Response
 from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, Service, Simulator, VirtualClock
+from coalmine.simulator.service import Request, Response
 from tests.e2e.harness import ADMIN_TOKEN, START, Harness, virtual_sleep
 from tests.integration.prometheus import RunningPrometheus, Series, prometheus_with_history
 

@@ -12,8 +12,8 @@ import anyio
 import httpx
 import pytest
 
-from coalmine.server.httpserver import Request, Response, serve
 from coalmine.simulator import Behaviour, PagerDuty, Simulator, Slack, VirtualClock
+from coalmine.simulator.service import Request, Response, serve
 
 pytestmark = pytest.mark.anyio
 

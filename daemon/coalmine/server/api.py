@@ -5,9 +5,12 @@ Writes (``POST /api/v1/rollouts/{script}/{command}``) need ``Authorization: Bear
 refused. Reads are open: bind to loopback (the default) or put coalmine behind your network
 policy.
 
-Requests are routed through one table of ``(method, path template)``; the OpenAPI document in
-:mod:`coalmine.server.openapi` (served at ``/api/v1/openapi.json``) describes exactly that table. A
-known path with another method is 405 with ``Allow``; GET routes answer HEAD too.
+Served by Starlette (:mod:`coalmine.server.http` runs it under uvicorn). Routes are one table
+of ``(method, path template, endpoint)`` in :meth:`Api.__init__`: add a line to serve another
+page. The OpenAPI document in :mod:`coalmine.server.openapi` (served at
+``/api/v1/openapi.json``) describes exactly that table. A known path with another method is 405
+with ``Allow``; GET routes answer HEAD too. Path parameters are matched on the raw path and
+percent-decoded one by one, so ``%2F`` stays inside its segment.
 """
 
 from __future__ import annotations
@@ -19,26 +22,31 @@ from functools import partial
 from typing import Any, get_args
 from urllib.parse import unquote
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import make_asgi_app
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from coalmine import __version__
 from coalmine.daemon import CommandFailed, CommandQueued, ScriptLoop
 from coalmine.engine import Command
 from coalmine.engine.model import CommandKind, encode_float
 from coalmine.server.health import Health
-from coalmine.server.httpserver import Request, Response
+from coalmine.server.http import json_or_none
 from coalmine.server.metrics import Metrics
 from coalmine.server.openapi import OPENAPI_PATH, openapi_document
 
 COMMANDS: tuple[CommandKind, ...] = get_args(CommandKind)
 PREFIX = "/api/v1/rollouts"
 
-Params = dict[str, str]
-RouteHandler = Callable[[Request, Params], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]] | ASGIApp
 
 
 class Api:
-    """Routes requests to the daemon's state."""
+    """Routes requests to the daemon's state; an ASGI application."""
 
     def __init__(
         self,
@@ -55,58 +63,51 @@ class Api:
         self._backlog = backlog
         self._openapi = _json(200, openapi_document())
         self.ready = False
-        self._routes: dict[str, tuple[str, RouteHandler]] = {
-            "/metrics": ("GET", self._get_metrics),
-            "/health": ("GET", self._get_health),
-            "/healthz": ("GET", self._get_healthz),
-            "/readyz": ("GET", self._get_readyz),
-            OPENAPI_PATH: ("GET", self._get_openapi),
-            PREFIX: ("GET", self._get_rollouts),
-            PREFIX + "/{script}": ("GET", self._get_rollout),
-            **{
-                f"{PREFIX}/{{script}}/{kind}": ("POST", partial(self._post_command, kind=kind))
+        self._table: list[tuple[str, str, Endpoint]] = [
+            ("GET", "/metrics", _Exposition(metrics, backlog)),
+            ("GET", "/health", self._get_health),
+            ("GET", "/healthz", self._get_healthz),
+            ("GET", "/readyz", self._get_readyz),
+            ("GET", OPENAPI_PATH, self._get_openapi),
+            ("GET", PREFIX, self._get_rollouts),
+            ("GET", PREFIX + "/{script}", self._get_rollout),
+            *(
+                ("POST", f"{PREFIX}/{{script}}/{kind}", partial(self._post_command, kind=kind))
                 for kind in COMMANDS
-            },
-        }
+            ),
+        ]
+        routes: list[BaseRoute] = [
+            Route(template, endpoint, methods=[method])
+            for method, template, endpoint in self._table
+        ]
+        self._app = Starlette(
+            routes=routes,
+            exception_handlers={404: _not_found, 405: _not_allowed},
+        )
 
     @property
     def routes(self) -> list[tuple[str, str]]:
         """Every ``(method, path template)`` served, templates in OpenAPI's ``{name}`` form."""
-        return [(method, template) for template, (method, _) in self._routes.items()]
+        return [(method, template) for method, template, _ in self._table]
 
-    async def __call__(self, request: Request) -> Response:
-        """Handle one request."""
-        segments = _segments(request.path)
-        for template, (method, handler) in self._routes.items():
-            params = _match(template, segments)
-            if params is None:
-                continue
-            allowed = (method, "HEAD") if method == "GET" else (method,)
-            if request.method not in allowed:
-                return _json(405, {"error": "method not allowed"}, [("allow", ", ".join(allowed))])
-            return await handler(request, params)
-        if len(segments) == 5 and "/" + "/".join(segments[:3]) == PREFIX:
-            return _json(
-                404, {"error": f"unknown command {segments[4]!r}; one of {', '.join(COMMANDS)}"}
-            )
-        return _json(404, {"error": "not found"})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one request (ASGI), routed on its raw path."""
+        if scope["type"] == "http":
+            scope = {**scope, "path": _route_path(scope)}
+        await self._app(scope, receive, send)
 
-    async def _get_metrics(self, request: Request, params: Params) -> Response:
-        self._metrics.outbox_backlog.set(self._backlog())
-        return Response(
-            200, generate_latest(self._metrics.registry), [("content-type", CONTENT_TYPE_LATEST)]
-        )
+    async def _get_healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok\n")
 
-    async def _get_healthz(self, request: Request, params: Params) -> Response:
-        return Response.text(200, "ok\n")
+    async def _get_readyz(self, request: Request) -> Response:
+        if self.ready:
+            return PlainTextResponse("ready\n")
+        return PlainTextResponse("starting\n", status_code=503)
 
-    async def _get_readyz(self, request: Request, params: Params) -> Response:
-        return Response.text(200, "ready\n") if self.ready else Response.text(503, "starting\n")
-
-    async def _get_openapi(self, request: Request, params: Params) -> Response:
+    async def _get_openapi(self, request: Request) -> Response:
         return self._openapi
 
-    async def _get_health(self, request: Request, params: Params) -> Response:
+    async def _get_health(self, request: Request) -> Response:
         status = self._health.status
         body = {
             "status": status,
@@ -125,13 +126,14 @@ class Api:
         }
         return _json(503 if status == "unhealthy" else 200, body)
 
-    async def _get_rollouts(self, request: Request, params: Params) -> Response:
+    async def _get_rollouts(self, request: Request) -> Response:
         return _json(200, {"rollouts": [loop.describe() for loop in self._loops.values()]})
 
-    async def _get_rollout(self, request: Request, params: Params) -> Response:
-        loop = self._loops.get(params["script"])
+    async def _get_rollout(self, request: Request) -> Response:
+        script = _param(request, "script")
+        loop = self._loops.get(script)
         if loop is None:
-            return _json(404, {"error": f"no such script {params['script']!r}"})
+            return _json(404, {"error": f"no such script {script!r}"})
         return _json(200, loop.describe())
 
     def _authorized(self, request: Request) -> Response | None:
@@ -145,25 +147,24 @@ class Api:
             return _json(
                 401,
                 {"error": "missing bearer token"},
-                [("www-authenticate", 'Bearer realm="coalmine"')],
+                {"www-authenticate": 'Bearer realm="coalmine"'},
             )
         if not hmac.compare_digest(credential.strip().encode(), self._token):
             return _json(403, {"error": "wrong token"})
         return None
 
-    async def _post_command(self, request: Request, params: Params, kind: CommandKind) -> Response:
+    async def _post_command(self, request: Request, kind: CommandKind) -> Response:
         refused = self._authorized(request)
         if refused is not None:
             return refused
-        script = params["script"]
+        script = _param(request, "script")
         loop = self._loops.get(script)
         if loop is None:
             return _json(404, {"error": f"no such script {script!r}"})
         version = None
         if kind == "start":
-            try:
-                body: Any = request.json()
-            except ValueError:
+            parsed, body = json_or_none(await request.body())
+            if not parsed:
                 return _json(400, {"error": 'body must be JSON: {"version": "..."}'})
             version = body.get("version") if isinstance(body, dict) else None
             if not isinstance(version, str) or not version:
@@ -185,29 +186,50 @@ class Api:
         return _json(409 if refused_by_engine else 200, body_out)
 
 
-def _segments(path: str) -> list[str]:
-    """The path's segments, percent-decoded one by one (``%2F`` stays inside its segment)."""
+class _Exposition:
+    """prometheus-client's own ASGI exposition, with the outbox backlog read first."""
+
+    def __init__(self, metrics: Metrics, backlog: Callable[[], int]) -> None:
+        self._metrics = metrics
+        self._backlog = backlog
+        self._app = make_asgi_app(metrics.registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._metrics.outbox_backlog.set(self._backlog())
+        await self._app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The raw path, undecoded (its parameters are decoded by :func:`_param`), trailing ``/``
+    dropped; a target that is not a path matches nothing."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    path = raw.decode("latin-1")
     if not path.startswith("/"):
-        return ["\0"]  # matches no template
-    return [unquote(s) for s in path.rstrip("/").split("/")[1:]]
+        return "/\0"
+    return path.rstrip("/") or "/"
 
 
-def _match(template: str, segments: list[str]) -> Params | None:
-    parts = template.split("/")[1:]
-    if len(parts) != len(segments):
-        return None
-    params: Params = {}
-    for part, segment in zip(parts, segments, strict=True):
-        if part.startswith("{"):
-            params[part[1:-1]] = segment
-        elif part != segment:
-            return None
-    return params
+def _param(request: Request, name: str) -> str:
+    return unquote(str(request.path_params[name]), errors="replace")
 
 
-def _json(status: int, value: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+async def _not_found(request: Request, exc: Exception) -> Response:
+    segments = request.scope["path"].split("/")[1:]
+    if len(segments) == 5 and "/" + "/".join(segments[:3]) == PREFIX:
+        command = unquote(segments[4], errors="replace")
+        return _json(404, {"error": f"unknown command {command!r}; one of {', '.join(COMMANDS)}"})
+    return _json(404, {"error": "not found"})
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    headers = exc.headers if isinstance(exc, HTTPException) else None
+    allowed = sorted(m.strip() for m in (headers or {}).get("Allow", "").split(","))
+    return _json(405, {"error": "method not allowed"}, {"allow": ", ".join(allowed)})
+
+
+def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> Response:
     """Strict JSON: a NaN or ±Inf (a rule's value can be one) becomes its string form."""
-    return Response.json(status, _finite(value), headers)
+    return JSONResponse(_finite(value), status, headers)
 
 
 def _finite(value: Any) -> Any:

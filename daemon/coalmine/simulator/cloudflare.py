@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from coalmine.server.httpserver import Request, Response
 from coalmine.simulator import graphql
 from coalmine.simulator.deployments import (
     INVALID,
@@ -41,7 +40,14 @@ from coalmine.simulator.deployments import (
     Version,
     validate,
 )
-from coalmine.simulator.service import Service, WindowLimiter, json_body, retry_after
+from coalmine.simulator.service import (
+    Request,
+    Response,
+    Service,
+    WindowLimiter,
+    json_body,
+    retry_after,
+)
 from coalmine.simulator.traffic import Behaviour, Clock, World
 
 AUTH_ERROR = 10000

@@ -40,7 +40,7 @@ from graphql import (
 )
 from graphql.language import IntValueNode, ValueNode
 
-from coalmine.server.httpserver import Response
+from coalmine.simulator.service import Response
 from coalmine.simulator.traffic import MinuteRow, World
 
 DATASET = "workersInvocationsAdaptive"

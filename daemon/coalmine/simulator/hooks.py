@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from coalmine.server.httpserver import Request, Response
-from coalmine.simulator.service import Service, json_body
+from coalmine.simulator.service import Request, Response, Service, json_body
 from coalmine.simulator.traffic import Clock
 
 PAGE_LIMIT = 25

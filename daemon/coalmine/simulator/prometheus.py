@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from coalmine.server.httpserver import Request, Response
-from coalmine.simulator.service import Service
+from coalmine.simulator.service import Request, Response, Service
 from coalmine.simulator.traffic import LATENCY_BUCKETS, Clock, Counters, World
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

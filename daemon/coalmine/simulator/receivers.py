@@ -26,8 +26,14 @@ from typing import Any
 
 import httpx
 
-from coalmine.server.httpserver import Request, Response
-from coalmine.simulator.service import Service, WindowLimiter, json_body, retry_after
+from coalmine.simulator.service import (
+    Request,
+    Response,
+    Service,
+    WindowLimiter,
+    json_body,
+    retry_after,
+)
 from coalmine.simulator.traffic import Clock
 
 SEVERITIES = ("critical", "error", "warning", "info")

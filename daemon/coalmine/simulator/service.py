@@ -1,6 +1,8 @@
 """What every simulated service shares: a listener that can go down, a log, injected faults.
 
-A :class:`Service` answers HTTP on a loopback port through :func:`coalmine.httpserver.serve`.
+A :class:`Service` answers HTTP on a loopback port: its handler takes a :class:`Request` and gives a
+:class:`Response`, served by :func:`serve` (Starlette's request parsing, uvicorn through
+:func:`coalmine.server.http.serve`, the daemon's own stack).
 Every request is logged (the ``Authorization`` header redacted) before anything else happens;
 then the first matching :class:`Injection` in the fault queue, if any, answers in the service's
 place; otherwise the service's own ``route`` does. ``go_down()`` closes the listening socket, so
@@ -28,18 +30,128 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 import anyio
 from anyio.abc import TaskStatus
+from starlette.requests import Request as AsgiRequest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from coalmine.server.httpserver import Request, Response, serve
+from coalmine.server import http
 from coalmine.simulator.traffic import Clock
 
 Action = Literal["answer", "drop", "truncate", "hang", "apply_then_hang"]
 
-# coalmine.server.httpserver drops a connection, sending nothing, when a response cannot be framed;
-# a header value with a line break is such a response. That is how ``drop`` is made.
-_DROP = Response(599, b"", [("x-simulator-drop", "\r\n")])
+# The simulator answers like the far-away APIs it plays: slow peers are kept for 30 s, and a
+# service that goes down drops its connections at once.
+LIMITS = http.Limits(keep_alive=30.0, head_timeout=30.0, shutdown_grace=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """An HTTP request with its whole body."""
+
+    method: str
+    target: str
+    headers: dict[str, str]  # lower-case names; the last of repeated headers
+    body: bytes = b""
+
+    @property
+    def path(self) -> str:
+        """The path without the query string."""
+        return urlsplit(self.target).path
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """The query string's parameters."""
+        return parse_qs(urlsplit(self.target).query)
+
+    def json(self) -> Any:
+        """The body as JSON (``ValueError`` when it is not)."""
+        try:
+            return json.loads(self.body or b"null")
+        except RecursionError as exc:
+            raise ValueError("JSON nested too deep") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """An HTTP response."""
+
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def json(
+        cls, status: int, value: Any, headers: list[tuple[str, str]] | None = None
+    ) -> Response:
+        """A JSON response."""
+        body = json.dumps(value).encode()
+        return cls(status, body, [("content-type", "application/json"), *(headers or [])])
+
+    @classmethod
+    def text(
+        cls, status: int, text: str, content_type: str = "text/plain; charset=utf-8"
+    ) -> Response:
+        """A plain-text response."""
+        return cls(status, text.encode(), [("content-type", content_type)])
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+OnError = Callable[[Request, BaseException], None]
+
+# Answering this closes the connection at once, sending nothing: that is how ``drop`` is made.
+_DROP = Response(599)
+
+
+def handler_app(handler: Handler, on_error: OnError | None = None) -> ASGIApp:
+    """An ASGI application answering every request with ``handler``; a handler's exception is
+    a 500 (``on_error`` hears it, the wire gets no traceback)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        asgi = AsgiRequest(scope, receive)
+        query = scope.get("query_string", b"")
+        target = scope.get("raw_path", b"/") + (b"?" + query if query else b"")
+        request = Request(
+            asgi.method,
+            target.decode("latin-1"),
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+            await asgi.body(),
+        )
+        try:
+            response = await handler(request)
+        except Exception as exc:  # the handler's bug must not kill the server
+            if on_error:
+                on_error(request, exc)
+            response = Response.text(500, "internal error\n")
+        if response is _DROP:
+            http.abort()
+            await receive()  # http.disconnect
+            return
+        headers = [(k.lower().encode(), v.encode()) for k, v in response.headers]
+        headers.append((b"content-length", str(len(response.body)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    return app
+
+
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    *,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    on_error: OnError | None = None,
+    limits: http.Limits = LIMITS,
+) -> None:
+    """Serve ``handler`` until cancelled; reports the bound port through ``task_status``."""
+    await http.serve(
+        handler_app(handler, on_error), host, port, task_status=task_status, limits=limits
+    )
 
 
 @dataclass
@@ -334,16 +446,11 @@ class Service:
 
 def json_body(request: Request) -> tuple[bool, Any]:
     """(True, value) when the body is JSON, else (False, None)."""
-    try:
-        return True, request.json()
-    except ValueError:
-        return False, None
+    return http.json_or_none(request.body)
 
 
 def _body(raw: bytes) -> Any:
     if not raw:
         return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", errors="replace")
+    parsed, value = http.json_or_none(raw)
+    return value if parsed else raw.decode("utf-8", errors="replace")
