@@ -28,7 +28,8 @@ from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
-from coalmine.errors import ConfigError, StoreError
+from coalmine.errors import ConfigError, LocalError, StoreError
+from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, Receivers
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policies
@@ -41,7 +42,8 @@ from coalmine.sources import Source
 from coalmine.sources.cloudflare import CloudflareAnalytics
 from coalmine.sources.prometheus import PrometheusSource
 from coalmine.store import StateStore, open_store
-from coalmine.store.records import Verification
+from coalmine.store.kept import KeepingStore
+from coalmine.store.records import StoreIdentity, Verification
 
 log = structlog.get_logger("coalmine")
 JOURNAL_CHECK_EVERY = 3600.0  # seconds between hash-chain checks of the journal
@@ -155,6 +157,7 @@ class Daemon:
             for loop in self.loops.values():
                 await self.shared.actuator.reconcile(loop.script)
             tg.start_soon(self.outbox.run)
+            tg.start_soon(self.shared.guard.run)
             tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
             for i, loop in enumerate(self.loops.values(), start=1):
                 tg.start_soon(loop.run, loop_phase(i))
@@ -170,6 +173,51 @@ class Daemon:
             )
             task_status.started(bound)
 
+    async def reload(self, start: Callable[[ScriptLoop], None]) -> bool:
+        """Load the policies again (SIGHUP): validated first, an invalid set refused with a
+        warning and the running policies kept. A valid set replaces the loops' policies:
+        ``start`` runs a loop for each new script, a removed script's loop stops after its
+        current tick, and running rollouts keep their state."""
+        try:
+            policies = prepare(self.settings)
+        except LocalError as exc:
+            log.warning(
+                "policies NOT reloaded: the new set is invalid; the running ones stay",
+                error=str(exc),
+            )
+            return False
+        options = Options(
+            self.settings.auto_rollback, self.settings.auto_promote, self.settings.dry_run
+        )
+        try:
+            saved = await self.store.states()
+        except StoreError:
+            saved = {}
+        wanted: dict[str, tuple[Policy, Engine]] = {}
+        for policy in policies:
+            engine = Engine(policy, options)
+            for script in policy.scripts:
+                wanted[script] = (policy, engine)
+        for script in [s for s in self.loops if s not in wanted]:
+            self.loops.pop(script).stop()
+        for script, (policy, engine) in wanted.items():
+            if script in self.loops:
+                self.loops[script].use_policy(policy, engine)
+                continue
+            state = (
+                RolloutState.from_json(saved[script])
+                if script in saved
+                else engine.new_state(script)
+            )
+            self.loops[script] = loop = ScriptLoop(script, policy, engine, state, self.shared)
+            start(loop)
+        log.info(
+            "policies reloaded",
+            scripts=sorted(self.loops),
+            policies=sorted(p.name for p in policies),
+        )
+        return True
+
     async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""
         try:
@@ -180,6 +228,13 @@ class Daemon:
         return self._export_verification(result)
 
     def _export_verification(self, result: Verification) -> bool:
+        identity: StoreIdentity = self.shared.guard.expected
+        log.info(
+            "journal verified" if result.ok else "journal broken",
+            entries=result.entries,
+            store_id=identity.id,
+            created_at=identity.created_at.isoformat(),
+        )
         self.metrics.journal_verified.set(1 if result.ok else 0)
         self.metrics.journal_entries.set(result.entries)
         if not result.ok:
@@ -217,8 +272,13 @@ async def open_daemon(
     monotonic = time.monotonic if clock is _now else (lambda: clock().timestamp())
     options = Options(settings.auto_rollback, settings.auto_promote, settings.dry_run)
     async with AsyncExitStack() as stack:
-        store = open_store(settings.state_url)
-        stack.push_async_callback(store.aclose)
+        try:  # unreadable, malformed, unwritable: a local mistake to fix (exit 2), not a bug
+            raw = open_store(settings.state_url)
+            stack.push_async_callback(raw.aclose)
+            expected = await raw.identity()
+        except StoreError as exc:
+            raise ConfigError(f"COALMINE_STATE_URL: {exc}") from None
+        store = KeepingStore(raw, clock)
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, verify=True))
         metrics = Metrics(CollectorRegistry())
         health = Health(monotonic)  # failing-for times and the unhealthy limit in the daemon's time
@@ -252,6 +312,7 @@ async def open_daemon(
 
         outbox = Outbox(store, http, receivers, clock, on_result=delivered)
         actuator = Actuator(cloudflare, store, clock)
+        guard = Guard(store, outbox, health, metrics, clock, expected)
         shared = Shared(
             store,
             cloudflare,
@@ -262,6 +323,7 @@ async def open_daemon(
             outbox,
             clock,
             settings.discovery_interval,
+            guard,
         )
         saved = await store.states()
         loops = {}
@@ -275,20 +337,30 @@ async def open_daemon(
                 )
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
         api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
-        yield Daemon(settings, store, shared, loops, api, outbox, metrics, health)
+        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health)
 
 
 async def run_until_signalled(settings: Settings, policies: list[Policy]) -> None:
-    """``coalmine run``: the daemon, stopped cleanly by SIGTERM or SIGINT."""
-    async with anyio.create_task_group() as tg:
+    """``coalmine run``: the daemon, stopped cleanly by SIGTERM or SIGINT; SIGHUP reloads
+    the policies. The store is opened before anything runs, so an unusable one is a plain
+    error (exit 2), and closed only after every loop has finished its write."""
+    async with open_daemon(settings, policies) as daemon, anyio.create_task_group() as tg:
+
+        def start(loop: ScriptLoop) -> None:
+            tg.start_soon(loop.run)
 
         async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with anyio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+            ) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("reloading the policies", signal="SIGHUP")
+                        await daemon.reload(start)
+                        continue
                     log.info("stopping", signal=signal.Signals(signum).name)
                     tg.cancel_scope.cancel()
                     return
 
         tg.start_soon(watch_signals)
-        async with open_daemon(settings, policies) as daemon:
-            await daemon.serve()
+        await daemon.serve()

@@ -38,6 +38,7 @@ from coalmine.engine import (
 )
 from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
+from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, notifications
 from coalmine.policy import Policy, Rule
 from coalmine.server.health import Health
@@ -74,6 +75,7 @@ class Shared:
     outbox: Outbox
     clock: Callable[[], datetime]
     discovery_interval: timedelta
+    guard: Guard  # rollbacks and their pages when the store cannot record
     fetch_timeout: float = 20.0
     # Deployment reads in flight at once, over all loops. The rest wait here, at no cost:
     # waiting in httpcore's pool instead, each request start and end rescans every waiting
@@ -109,6 +111,8 @@ class ScriptLoop:
         self._stuck_paged = False
         self._blocked: str | None = None
         self._wake = anyio.Event()
+        self._next_policy: tuple[Policy, Engine] | None = None  # reloaded, not in use yet
+        self._stopping = False
 
     @property
     def interval(self) -> timedelta:
@@ -126,7 +130,7 @@ class ScriptLoop:
         """
         due = anyio.current_time()
         share = phase
-        while True:
+        while not self._stopping:
             lateness = anyio.current_time() - due
             self._shared.metrics.tick_lateness.observe(max(0.0, lateness))
             await self.tick_safely(scheduled(self._shared.clock(), lateness, self.interval))
@@ -140,6 +144,26 @@ class ScriptLoop:
             if self._wake.is_set():
                 self._wake = anyio.Event()
                 due = anyio.current_time()
+
+    def stop(self) -> None:
+        """Stop after the current tick (the script is no longer governed by any policy)."""
+        self._stopping = True
+        self._wake.set()
+
+    def use_policy(self, policy: Policy, engine: Engine) -> None:
+        """Judge by ``policy`` from the next tick on; the rollout keeps its state. A rollout
+        on a step the new policy does not have keeps its policy until it ends."""
+        self._next_policy = (policy, engine)
+        self._switch_policy()
+
+    def _switch_policy(self) -> None:
+        if self._next_policy is None:
+            return
+        policy, engine = self._next_policy
+        if self.state.phase in ACTIVE and self.state.step >= len(policy.steps):
+            return
+        self.policy, self.engine, self._next_policy = policy, engine, None
+        self._rules = {r.name: r for r in policy.rules}
 
     async def submit(self, command: Command, timeout: float = 30.0) -> list[Decision]:
         """Queue an operator command, wake the loop, and return its decisions once applied."""
@@ -159,10 +183,13 @@ class ScriptLoop:
 
     async def tick_safely(self, now: datetime) -> None:
         """One tick; remote and store failures are logged, reported in /health, never raised."""
+        guard = self._shared.guard
         try:
+            await guard.watch(now)
             await self.tick(now)
-            self._shared.health.store_ok = True
+            guard.report()
         except StoreError as exc:
+            guard.report()
             self._shared.health.store_ok = False
             log.error("state store failed; tick not recorded", script=self.script, error=str(exc))
         except CloudflareError as exc:
@@ -173,11 +200,14 @@ class ScriptLoop:
 
     async def tick(self, now: datetime) -> list[Decision]:
         """Reconcile, observe, decide, persist, act."""
+        self._switch_policy()
         stuck = await self._apply_pending(now)
         # while a change is still pending the live split is in between: judging it as drift
         # would be wrong, but rules are still evaluated, so a rollback can still be decided
         live = None if stuck else await self._read_live()
-        self._blocked = "a traffic change is still being applied" if stuck else None
+        self._blocked = (
+            "a traffic change is still being applied" if stuck else self._shared.guard.blocked
+        )
         before = self.state
         pending, self._pending = self._pending, []
         for item in pending:
@@ -329,9 +359,27 @@ class ScriptLoop:
     ) -> None:
         entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
         intents = intents_for(decisions, live)
-        await self._shared.store.commit(
-            self.script, state.to_json(), entries, notifications(decisions, before), now, intents
-        )
+        notes = notifications(decisions, before)
+        try:
+            await self._shared.store.commit(
+                self.script, state.to_json(), entries, notes, now, intents
+            )
+        except StoreError as exc:
+            if any(intent.kind != "rollback" for intent in intents):
+                raise  # progress waits for its durable intent; the next tick decides again
+            # The rest goes on without the store: the rollout's state in memory (a rule's
+            # breach keeps counting towards its rollback), decisions carried out now (a
+            # rollback, its page) and kept, in order, until the store takes them.
+            if entries or notes:
+                await self._shared.guard.keep(
+                    self.script, state.to_json(), entries, notes, now, intents
+                )
+            else:
+                log.warning(
+                    "state store failed; the rollout's state is kept in memory",
+                    script=self.script,
+                    error=str(exc),
+                )
         self.state = state
 
     async def _observe(self, state: RolloutState, now: datetime) -> list[Observation]:

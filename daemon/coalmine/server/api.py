@@ -101,7 +101,10 @@ class Api:
         return Response.text(200, "ok\n")
 
     async def _get_readyz(self, request: Request, params: Params) -> Response:
-        return Response.text(200, "ready\n") if self.ready else Response.text(503, "starting\n")
+        if not self.ready:
+            return Response.text(503, "starting\n")
+        why = self._health.not_ready
+        return Response.text(200, "ready\n") if why is None else Response.text(503, why + "\n")
 
     async def _get_openapi(self, request: Request, params: Params) -> Response:
         return self._openapi
