@@ -12,6 +12,7 @@ missed ticks coalesced.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -230,7 +231,12 @@ class ScriptLoop:
         """Apply open traffic intents; True when one is still not applied (paged after a while)."""
         shared = self._shared
         stuck: tuple[Intent, Exception] | None = None
-        for intent, applied in await shared.actuator.reconcile(self.script):
+        try:
+            outcomes = await shared.actuator.reconcile(self.script)
+        except StoreError as exc:  # open intents unknown: hold (a rollback still goes through)
+            log.error("state store unreadable; holding", script=self.script, error=str(exc))
+            return True
+        for intent, applied in outcomes:
             failed = isinstance(applied, Exception)
             shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
             if (
@@ -241,7 +247,8 @@ class ScriptLoop:
             ):
                 # decided at an earlier tick, live only now: its step counts from now
                 state = self.engine.traffic_took_effect(self.state, now).state
-                await shared.store.commit(self.script, state.to_json(), [], [], now)
+                with suppress(StoreError):  # the state goes on in memory; the next commit has it
+                    await shared.store.commit(self.script, state.to_json(), [], [], now)
                 self.state = state
             if isinstance(applied, Exception):
                 stuck = (intent, applied)
@@ -286,7 +293,11 @@ class ScriptLoop:
                 },
             }
         note = NewNotification("pagerduty", event, key)
-        await self._shared.store.commit(self.script, self.state.to_json(), [], [note], now)
+        state = self.state.to_json()
+        try:
+            await self._shared.store.commit(self.script, state, [], [note], now)
+        except StoreError:  # a critical page: sent directly, kept until the store is back
+            await self._shared.guard.keep(self.script, state, [], [note], now, [])
         self._stuck_paged = intent is not None
         self._shared.outbox.wake()
 

@@ -211,4 +211,5 @@ class Guard:
         """Watch and settle forever."""
         while True:
             await self.watch(self._clock())
+            await self.settle()
             await anyio.sleep(every)
