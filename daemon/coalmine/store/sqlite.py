@@ -230,6 +230,10 @@ class SqliteStore:
             raise StoreError(explain(self.path, exc)) from None
         try:
             return self._read_identity(db)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return self.opened_identity  # the same file, its header intact: just busy
+            raise StoreError(explain(self.path, exc)) from None
         except sqlite3.Error as exc:
             raise StoreError(explain(self.path, exc)) from None
         finally:
