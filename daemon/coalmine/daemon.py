@@ -358,6 +358,8 @@ class ScriptLoop:
                         kind=intent.kind,
                         error=str(result),
                     )
+        if shared.guard.store.kept:  # pages the store could not queue: sent directly
+            await shared.guard.send_pages()
         return decisions
 
     async def _persist(

@@ -30,7 +30,7 @@ from coalmine.errors import StoreError
 from coalmine.notify.outbox import DeliveryError, Outbox
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
-from coalmine.store.kept import KeepingStore, KeptTick
+from coalmine.store.kept import KeepingStore
 from coalmine.store.records import NewEntry, NewIntent, NewNotification, StoreIdentity
 
 log = structlog.get_logger("coalmine")
@@ -69,6 +69,7 @@ class Guard:
         self._page: NewNotification | None = None  # the lost store's page, until delivered
         self._checked: datetime | None = None
         self._checking = False
+        self._wake = anyio.Event()
         metrics.store.info({"store_id": expected.id})
         metrics.store_created.set(expected.created_at.timestamp())
 
@@ -91,7 +92,7 @@ class Guard:
         intents: list[NewIntent],
     ) -> None:
         """Keep a tick the store refused, and send its critical pages now."""
-        tick = self.store.keep(script, state, entries, notifications, now, intents)
+        self.store.keep(script, state, entries, notifications, now, intents)
         log.error(
             "state store cannot record; acting anyway, the decisions kept in memory",
             script=script,
@@ -99,21 +100,30 @@ class Guard:
             error=self.store.why,
         )
         self.report()
-        await self._send_pages(tick)
+        self._wake.set()  # :meth:`run` sends the pages now, beside the rollback
 
-    async def _send_pages(self, tick: KeptTick) -> None:
-        async with self.store.lock:
-            if tick not in self.store.kept:
-                return  # written meanwhile: the outbox has what was not sent
-            for index, note in enumerate(tick.notifications):
-                if index in tick.sent or not critical_page(note):
-                    continue
-                try:
-                    await self._outbox.send_now(note)
-                except DeliveryError as exc:
-                    log.warning("critical page not delivered yet; retrying", error=str(exc))
-                    continue
-                tick.sent.add(index)
+    async def send_pages(self) -> None:
+        """Send the kept ticks' critical pages not delivered yet (and the lost store's)."""
+        if self._page is not None and await self._deliver(self._page):
+            self._page = None
+        for tick in self.store.kept_ticks():
+            async with self.store.lock:
+                if tick not in self.store.kept:
+                    continue  # written meanwhile: the outbox has what was not sent
+                for index, note in enumerate(tick.notifications):
+                    if index not in tick.sent and critical_page(note) and await self._deliver(note):
+                        tick.sent.add(index)
+
+    async def _deliver(self, note: NewNotification) -> bool:
+        try:
+            await self._outbox.send_now(note)
+        except DeliveryError as exc:
+            log.warning("critical page not delivered yet; retrying", error=str(exc))
+            return False
+        except Exception:  # a bug must not stop the retries (nor the daemon)
+            log.exception("internal error sending a page directly; retrying")
+            return False
+        return True
 
     async def watch(self, now: datetime) -> None:
         """Check, at most every :data:`CHECK_EVERY`, that the store is still the one opened."""
@@ -148,6 +158,10 @@ class Guard:
             identity = await self.store.identity()
         except StoreError as exc:
             return str(exc)
+        except Exception:  # a bug is logged, never taken for a lost (or found) store
+            log.exception("internal error checking the state store")
+            self._metrics.internal_errors.inc()
+            return self.store.lost
         if identity != self.expected:
             return (
                 f"{self.store.location} now holds another store (id {identity.id}, created"
@@ -183,15 +197,7 @@ class Guard:
 
     async def settle(self) -> None:
         """Retry undelivered pages; write what is kept once the store takes it."""
-        if self._page is not None:
-            try:
-                await self._outbox.send_now(self._page)
-            except DeliveryError as exc:
-                log.warning("state store page not delivered yet; retrying", error=str(exc))
-            else:
-                self._page = None
-        for tick in self.store.kept_ticks():
-            await self._send_pages(tick)
+        await self.send_pages()
         if self.store.kept and self.store.lost is None:
             with suppress(StoreError):
                 await self.store.flush()
@@ -208,8 +214,14 @@ class Guard:
         self._metrics.store_kept.set(health.store_kept)
 
     async def run(self, every: float = 1.0) -> None:
-        """Watch and settle forever."""
+        """Watch and settle every ``every`` seconds, and at once when a tick is kept."""
         while True:
-            await self.watch(self._clock())
-            await self.settle()
-            await anyio.sleep(every)
+            try:
+                await self.watch(self._clock())
+                await self.settle()
+            except Exception:  # the guard must outlive its own bugs: they are logged
+                log.exception("internal error guarding the state store")
+                self._metrics.internal_errors.inc()
+            with anyio.move_on_after(every):
+                await self._wake.wait()
+            self._wake = anyio.Event()

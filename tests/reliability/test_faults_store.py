@@ -400,3 +400,29 @@ async def test_a_state_file_moved_away_and_back_is_lost_then_found_and_journaled
         assert len(rollback_pages(h)) == 1
         assert_journal_complete(h)
         assert_delivered_once(h)
+
+
+@pytest.mark.parametrize("store_back_first", [False, True])
+async def test_a_page_the_store_cannot_queue_is_retried_from_memory_and_sent_once(
+    tmp_path: Path, store_back_first: bool
+) -> None:
+    """Writes fail and PagerDuty is down as the canary breaches: rolled back in time anyway
+    (the rollback waits for neither); the page is retried from memory, or handed to the outbox
+    if the store is back first, and reaches PagerDuty exactly once."""
+    async with fault_harness(tmp_path, policy=PROMETHEUS_POLICY, fake_prometheus=True) as h:
+        await h.ticks(1, held_at=10)
+        await h.sim.pagerduty.go_down()
+        with failing_writes(h.db.path):
+            await breach_rolls_back_in_time(h)
+            await h.ticks(2)
+            assert rollback_pages(h) == []
+            if not store_back_first:
+                await h.sim.pagerduty.go_up()
+                await h.ticks(1)
+                assert len(rollback_pages(h)) == 1
+        await h.ticks(2)
+        await h.sim.pagerduty.go_up()
+        await h.run_until(lambda h: h.db.backlog() == 0, timedelta(minutes=10))
+        assert len(rollback_pages(h)) == 1
+        assert_journal_complete(h)
+        assert_delivered_once(h)

@@ -200,9 +200,12 @@ class SqliteStore:
 
     def _read_identity(self, db: sqlite3.Connection) -> StoreIdentity:
         rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        if "store_id" not in rows or "created_at" not in rows:
-            raise StoreError(f"state database {self.path}: its identity (table meta) is missing")
-        return StoreIdentity(rows["store_id"], datetime.fromisoformat(rows["created_at"]))
+        try:
+            return StoreIdentity(rows["store_id"], datetime.fromisoformat(rows["created_at"]))
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(
+                f"state database {self.path}: its identity (table meta) is missing or damaged"
+            ) from None
 
     def identity(self) -> StoreIdentity:
         """The identity of the database at :attr:`path` now, read over a connection of its own.
