@@ -387,7 +387,7 @@ class ScriptLoop:
                 await self._shared.guard.keep(
                     self.script, state.to_json(), entries, notes, now, intents
                 )
-            else:
+            elif self._shared.guard.store.lost is None:  # a lost store was logged once
                 log.warning(
                     "state store failed; the rollout's state is kept in memory",
                     script=self.script,

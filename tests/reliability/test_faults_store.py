@@ -344,6 +344,14 @@ async def lost_then_breach(h: FaultHarness, client: httpx.AsyncClient) -> None:
     assert len(store_pages(h)) == 1
     metrics = (await client.get("/metrics")).text
     assert "coalmine_store_lost 1.0" in metrics
+    genesis = h.daemon.shared.guard.expected  # still shown: the store coalmine opened
+    assert f'coalmine_store_info{{store_id="{genesis.id}"}} 1.0' in metrics
+    (created,) = [
+        float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("coalmine_store_created_timestamp_seconds ")
+    ]
+    assert created == genesis.created_at.timestamp()
 
 
 async def test_a_state_file_deleted_under_the_daemon_is_noticed_and_a_breach_rolls_back(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from coalmine.cli import main
 from coalmine.errors import StoreError
 from coalmine.store.kept import KeepingStore
 from coalmine.store.records import NewEntry, NewIntent, NewNotification
@@ -169,3 +170,29 @@ async def test_a_lost_store_is_never_written(tmp_path: Path) -> None:
     store.lost = None
     await store.flush()
     assert [e.action for e in sync.journal()] == ["rollback"]
+
+
+def test_journal_verify_shows_the_genesis(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`coalmine journal verify` names the store and its creation time, so a journal that
+    restarted from zero (a new store) is told apart from the one it replaced."""
+    path = tmp_path / "state.db"
+    with SqliteStore(path) as store:
+        identity = store.identity()
+    assert main(["journal", "verify", "--state", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("journal ok: 0 entries, head ")
+    assert f"genesis: store {identity.id} created {identity.created_at.isoformat()}" in out
+
+
+def test_journal_verify_of_a_garbage_file_is_exit_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is not a SQLite database: exit 2, the file and the cause, no traceback."""
+    path = tmp_path / "state.db"
+    path.write_bytes(b"garbage" * 1000)
+    assert main(["journal", "verify", "--state", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err
+    assert "not a SQLite database" in err
