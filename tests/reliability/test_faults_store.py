@@ -12,6 +12,9 @@ Both faults are made from a second SQLite connection, as another process would m
   the files unwritable: coalmine holds them open, and CI runs as root.)
 - *disk full*: the state folder on a small tmpfs, filled up (needs root to mount: skipped,
   saying so, otherwise);
+- *read-only*: the database and its WAL made immutable (``chattr +i``: read-only to root too;
+  skipped, saying why, where the file system has no such flag). Not the ``-shm`` file: SQLite
+  maps it, and a write to it then kills the process with SIGBUS;
 - *lost*: the file deleted, moved away, or overwritten with garbage while the daemon runs.
 """
 
@@ -317,6 +320,39 @@ async def test_a_breach_on_a_full_disk_rolls_back_and_is_journaled_once_space_is
             assert len(rollback_pages(h)) == 1
             assert_journal_complete(h)
             assert_delivered_once(h)
+
+
+@contextmanager
+def read_only(path: str) -> Iterator[None]:
+    """The database file and its WAL refuse every write, root's too, for the block."""
+    files = [path, path + "-wal"]
+    made = subprocess.run(["chattr", "+i", *files], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        subprocess.run(["chattr", "-i", *files], capture_output=True, check=False)
+        pytest.skip(f"cannot make the files immutable here: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+
+
+async def test_a_breach_on_a_read_only_database_rolls_back_and_is_journaled_once_writable(
+    tmp_path: Path,
+) -> None:
+    """The database turns read-only as the canary breaches: rolled back in time, paged once;
+    writable again: every decision journaled, every notification delivered once."""
+    async with fault_harness(tmp_path, policy=PROMETHEUS_POLICY, fake_prometheus=True) as h:
+        await h.ticks(1, held_at=10)
+        journaled = len(list(h.db.journal()))
+        with read_only(h.db.path):
+            await breach_rolls_back_in_time(h)
+            assert len(rollback_pages(h)) == 1
+            await h.ticks(2)
+            assert len(list(h.db.journal())) == journaled
+        await h.ticks(2)
+        assert len(rollback_pages(h)) == 1
+        assert_journal_complete(h)
+        assert_delivered_once(h)
 
 
 # ---- a store lost under the daemon ------------------------------------------------------------
