@@ -279,6 +279,7 @@ async def open_daemon(
         except StoreError as exc:
             raise ConfigError(f"COALMINE_STATE_URL: {exc}") from None
         store = KeepingStore(raw, clock)
+        stack.push_async_callback(store.last_flush)  # before the store is closed
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, verify=True))
         metrics = Metrics(CollectorRegistry())
         health = Health(monotonic)  # failing-for times and the unhealthy limit in the daemon's time

@@ -196,3 +196,17 @@ def test_journal_verify_of_a_garbage_file_is_exit_2_naming_it(
     err = capsys.readouterr().err
     assert str(path) in err
     assert "not a SQLite database" in err
+
+
+async def test_what_is_kept_is_written_at_stop_if_the_store_takes_it(tmp_path: Path) -> None:
+    """Stopping with records kept: written if the store takes writes by then, else left
+    (and logged as lost) without raising."""
+    sync = SqliteStore(tmp_path / "state.db")
+    store = KeepingStore(ThreadedSqlite(sync), lambda: at(100))
+    store.keep("api", {"n": 1}, [entry(1, "rollback")], [], at(1), [])
+    with failing_writes(sync.path):
+        await store.last_flush()
+        assert len(store.kept) == 1
+    await store.last_flush()
+    assert store.kept == []
+    assert [e.action for e in sync.journal()] == ["rollback"]

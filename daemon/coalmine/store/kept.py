@@ -24,6 +24,7 @@ running daemon) is never written: every write is kept until the store is found a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -273,3 +274,16 @@ class KeepingStore:
     async def aclose(self) -> None:
         """See :meth:`StateStore.aclose`."""
         await self.inner.aclose()
+
+    async def last_flush(self) -> None:
+        """At stop: write what is kept if the store takes it; say what is lost if not."""
+        with suppress(StoreError):
+            await self.flush()
+        if self.kept:
+            log.error(
+                "stopping with records the state store never took: they are lost"
+                " (their decisions are in this log)",
+                records=len(self.kept),
+                scripts=sorted({t.script for t in self.kept_ticks()}),
+                error=self.why,
+            )
