@@ -152,8 +152,9 @@ class ScriptLoop:
         self._wake.set()
 
     def use_policy(self, policy: Policy, engine: Engine) -> None:
-        """Judge by ``policy`` from the next tick on; the rollout keeps its state. A rollout
-        on a step the new policy does not have keeps its policy until it ends."""
+        """Judge by ``policy`` from the next tick on; the rollout keeps its state. A running
+        rollout whose steps the new policy changes keeps its policy until it ends (its step
+        would mean another weight)."""
         self._next_policy = (policy, engine)
         self._switch_policy()
 
@@ -161,7 +162,8 @@ class ScriptLoop:
         if self._next_policy is None:
             return
         policy, engine = self._next_policy
-        if self.state.phase in ACTIVE and self.state.step >= len(policy.steps):
+        weights = [s.weight for s in policy.steps]
+        if self.state.phase in ACTIVE and weights != [s.weight for s in self.policy.steps]:
             return
         self.policy, self.engine, self._next_policy = policy, engine, None
         self._rules = {r.name: r for r in policy.rules}

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from coalmine.guard import STORE_PAGE_KEY
-from tests.e2e.test_process import get_json, simulated, start, url, wait_for
+from tests.e2e.test_process import at_percent, get_json, simulated, start, url, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -196,9 +196,9 @@ async def scripts(env: dict[str, str]) -> set[str] | None:
 
 
 async def test_sighup_reloads_valid_policies_and_refuses_an_invalid_set(tmp_path: Path) -> None:
-    """SIGHUP with a policy adding `web`: watched; with an invalid file: refused with a
-    warning, both still watched, the process alive; with `api` removed: only `web` is left;
-    SIGTERM still stops it with exit 0."""
+    """SIGHUP with a policy adding `web`: watched, and `api`'s running rollout keeps its state
+    and steps; with an invalid file: refused with a warning, both still watched, the process
+    alive; with `api` removed: only `web` is left; SIGTERM still stops it with exit 0."""
     async with simulated(tmp_path) as (sim, env):
         sim.add_script("web", requests_per_minute=60)
         policy = Path(env["COALMINE_POLICIES"])
@@ -210,7 +210,8 @@ async def test_sighup_reloads_valid_policies_and_refuses_an_invalid_set(tmp_path
                 return await scripts(env) == expected
 
             await wait_for(lambda: watching({"api"}))
-            replace_policy(policy, TWO_SCRIPTS)
+            await wait_for(lambda: at_percent(env, 50))
+            replace_policy(policy, TWO_SCRIPTS)  # other steps: [10, 100]
             process.send_signal(signal.SIGHUP)
             await wait_for(lambda: watching({"api", "web"}))
 
@@ -223,6 +224,11 @@ async def test_sighup_reloads_valid_policies_and_refuses_an_invalid_set(tmp_path
             await wait_for(refused)
             assert process.poll() is None
             assert await scripts(env) == {"api", "web"}
+            # the running rollout kept its state and its steps: not promoted from 50%
+            assert await at_percent(env, 50)
+            assert [
+                [v["percentage"] for v in p["versions"]] for p in sim.deployment_posts("api")
+            ] == [[50, 50]]
 
             replace_policy(policy, TWO_SCRIPTS.replace("[api, web]", "[web]"))
             process.send_signal(signal.SIGHUP)
