@@ -28,7 +28,8 @@ from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
-from coalmine.errors import ConfigError, StoreError
+from coalmine.errors import ConfigError, LocalError, StoreError
+from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, Receivers
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policies
@@ -44,7 +45,8 @@ from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.sources.prometheus import PrometheusSource
 from coalmine.sources.webhook import WebhookSource
 from coalmine.store import StateStore, open_store
-from coalmine.store.records import Verification
+from coalmine.store.kept import KeepingStore
+from coalmine.store.records import StoreIdentity, Verification
 
 log = structlog.get_logger("coalmine")
 JOURNAL_CHECK_EVERY = 3600.0  # seconds between hash-chain checks of the journal
@@ -168,6 +170,7 @@ class Daemon:
                 await self.shared.actuator.reconcile(loop.script)
             tg.start_soon(self.outbox.run)
             tg.start_soon(self.check_analytics_schema)
+            tg.start_soon(self.shared.guard.run)
             tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
             for i, loop in enumerate(self.loops.values(), start=1):
                 tg.start_soon(loop.run, loop_phase(i))
@@ -217,6 +220,51 @@ class Daemon:
         else:
             log.error("cannot accept HTTP connections", error=error)
 
+    async def reload(self, start: Callable[[ScriptLoop], None]) -> bool:
+        """Load the policies again (SIGHUP): validated first, an invalid set refused with a
+        warning and the running policies kept. A valid set replaces the loops' policies:
+        ``start`` runs a loop for each new script, a removed script's loop stops after its
+        current tick, and running rollouts keep their state."""
+        try:
+            policies = prepare(self.settings)
+        except LocalError as exc:
+            log.warning(
+                "policies NOT reloaded: the new set is invalid; the running ones stay",
+                error=str(exc),
+            )
+            return False
+        options = Options(
+            self.settings.auto_rollback, self.settings.auto_promote, self.settings.dry_run
+        )
+        try:
+            saved = await self.store.states()
+        except StoreError:
+            saved = {}
+        wanted: dict[str, tuple[Policy, Engine]] = {}
+        for policy in policies:
+            engine = Engine(policy, options)
+            for script in policy.scripts:
+                wanted[script] = (policy, engine)
+        for script in [s for s in self.loops if s not in wanted]:
+            self.loops.pop(script).stop()
+        for script, (policy, engine) in wanted.items():
+            if script in self.loops:
+                self.loops[script].use_policy(policy, engine)
+                continue
+            state = (
+                RolloutState.from_json(saved[script])
+                if script in saved
+                else engine.new_state(script)
+            )
+            self.loops[script] = loop = ScriptLoop(script, policy, engine, state, self.shared)
+            start(loop)
+        log.info(
+            "policies reloaded",
+            scripts=sorted(self.loops),
+            policies=sorted(p.name for p in policies),
+        )
+        return True
+
     async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""
         try:
@@ -227,6 +275,13 @@ class Daemon:
         return self._export_verification(result)
 
     def _export_verification(self, result: Verification) -> bool:
+        identity: StoreIdentity = self.shared.guard.expected
+        log.info(
+            "journal verified" if result.ok else "journal broken",
+            entries=result.entries,
+            store_id=identity.id,
+            created_at=identity.created_at.isoformat(),
+        )
         self.metrics.journal_verified.set(1 if result.ok else 0)
         self.metrics.journal_entries.set(result.entries)
         if not result.ok:
@@ -264,8 +319,14 @@ async def open_daemon(
     monotonic = time.monotonic if clock is _now else (lambda: clock().timestamp())
     options = Options(settings.auto_rollback, settings.auto_promote, settings.dry_run)
     async with AsyncExitStack() as stack:
-        store = open_store(settings.state_url)
-        stack.push_async_callback(store.aclose)
+        try:  # unreadable, malformed, unwritable: a local mistake to fix (exit 2), not a bug
+            raw = open_store(settings.state_url)
+            stack.push_async_callback(raw.aclose)
+            expected = await raw.identity()
+        except StoreError as exc:
+            raise ConfigError(f"COALMINE_STATE_URL: {exc}") from None
+        store = KeepingStore(raw, clock)
+        stack.push_async_callback(store.last_flush)  # before the store is closed
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, verify=True))
         metrics = Metrics(CollectorRegistry())
         health = Health(monotonic)  # failing-for times and the unhealthy limit in the daemon's time
@@ -309,6 +370,7 @@ async def open_daemon(
             freeze = IncidentFreeze(
                 http, settings.pagerduty_api_url, token, observe=observe, clock=monotonic
             )
+        guard = Guard(store, outbox, health, metrics, clock, expected)
         shared = Shared(
             store,
             cloudflare,
@@ -319,6 +381,7 @@ async def open_daemon(
             outbox,
             clock,
             settings.discovery_interval,
+            guard,
             freeze=freeze,
         )
         saved = await store.states()
@@ -333,20 +396,30 @@ async def open_daemon(
                 )
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
         api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
-        yield Daemon(settings, store, shared, loops, api, outbox, metrics, health)
+        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health)
 
 
 async def run_until_signalled(settings: Settings, policies: list[Policy]) -> None:
-    """``coalmine run``: the daemon, stopped cleanly by SIGTERM or SIGINT."""
-    async with anyio.create_task_group() as tg:
+    """``coalmine run``: the daemon, stopped cleanly by SIGTERM or SIGINT; SIGHUP reloads
+    the policies. The store is opened before anything runs, so an unusable one is a plain
+    error (exit 2), and closed only after every loop has finished its write."""
+    async with open_daemon(settings, policies) as daemon, anyio.create_task_group() as tg:
+
+        def start(loop: ScriptLoop) -> None:
+            tg.start_soon(loop.run)
 
         async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with anyio.open_signal_receiver(
+                signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+            ) as signals:
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("reloading the policies", signal="SIGHUP")
+                        await daemon.reload(start)
+                        continue
                     log.info("stopping", signal=signal.Signals(signum).name)
                     tg.cancel_scope.cancel()
                     return
 
         tg.start_soon(watch_signals)
-        async with open_daemon(settings, policies) as daemon:
-            await daemon.serve()
+        await daemon.serve()

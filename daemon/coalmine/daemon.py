@@ -12,6 +12,7 @@ missed ticks coalesced.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,6 +46,7 @@ from coalmine.engine import (
 )
 from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
+from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, notifications, plain
 from coalmine.policy import Policy, Rule
 from coalmine.server.health import Health
@@ -82,6 +84,7 @@ class Shared:
     outbox: Outbox
     clock: Callable[[], datetime]
     discovery_interval: timedelta
+    guard: Guard  # rollbacks and their pages when the store cannot record
     fetch_timeout: float = 20.0
     # Deployment reads in flight at once, over all loops. The rest wait here, at no cost:
     # waiting in httpcore's pool instead, each request start and end rescans every waiting
@@ -119,6 +122,8 @@ class ScriptLoop:
         self._blocked: str | None = None
         self._refusal: str | None = None  # why Cloudflare refused a change for good
         self._wake = anyio.Event()
+        self._next_policy: tuple[Policy, Engine] | None = None  # reloaded, not in use yet
+        self._stopping = False
 
     @property
     def interval(self) -> timedelta:
@@ -136,7 +141,7 @@ class ScriptLoop:
         """
         due = anyio.current_time()
         share = phase
-        while True:
+        while not self._stopping:
             lateness = anyio.current_time() - due
             self._shared.metrics.tick_lateness.observe(max(0.0, lateness))
             await self.tick_safely(scheduled(self._shared.clock(), lateness, self.interval))
@@ -150,6 +155,28 @@ class ScriptLoop:
             if self._wake.is_set():
                 self._wake = anyio.Event()
                 due = anyio.current_time()
+
+    def stop(self) -> None:
+        """Stop after the current tick (the script is no longer governed by any policy)."""
+        self._stopping = True
+        self._wake.set()
+
+    def use_policy(self, policy: Policy, engine: Engine) -> None:
+        """Judge by ``policy`` from the next tick on; the rollout keeps its state. A running
+        rollout whose steps the new policy changes keeps its policy until it ends (its step
+        would mean another weight)."""
+        self._next_policy = (policy, engine)
+        self._switch_policy()
+
+    def _switch_policy(self) -> None:
+        if self._next_policy is None:
+            return
+        policy, engine = self._next_policy
+        weights = [s.weight for s in policy.steps]
+        if self.state.phase in ACTIVE and weights != [s.weight for s in self.policy.steps]:
+            return
+        self.policy, self.engine, self._next_policy = policy, engine, None
+        self._rules = {r.name: r for r in policy.rules}
 
     async def submit(self, command: Command, timeout: float = 30.0) -> list[Decision]:
         """Queue an operator command, wake the loop, and return its decisions once applied."""
@@ -180,10 +207,13 @@ class ScriptLoop:
 
     async def tick_safely(self, now: datetime) -> None:
         """One tick; remote and store failures are logged, reported in /health, never raised."""
+        guard = self._shared.guard
         try:
+            await guard.watch(now)
             await self.tick(now)
-            self._shared.health.store_ok = True
+            guard.report()
         except StoreError as exc:
+            guard.report()
             self._shared.health.store_ok = False
             log.error("state store failed; tick not recorded", script=self.script, error=str(exc))
         except CloudflareError as exc:
@@ -194,6 +224,7 @@ class ScriptLoop:
 
     async def tick(self, now: datetime) -> list[Decision]:
         """Reconcile, observe, decide, persist, act."""
+        self._switch_policy()
         stuck = await self._apply_pending(now)
         # while a change is still pending the live split is in between: judging it as drift
         # would be wrong, but rules are still evaluated, so a rollback can still be decided
@@ -202,7 +233,11 @@ class ScriptLoop:
         pending, self._pending = self._pending, []
         if self._refusal is not None and (pending or before.phase not in ACTIVE):
             await self._clear_refusal(now)  # an operator acted, or the rollout is over
-        self._blocked = "a traffic change is still being applied" if stuck else self._refusal
+        self._blocked = (
+            "a traffic change is still being applied"
+            if stuck
+            else self._refusal or self._shared.guard.blocked
+        )
         for item in pending:
             item.taken = True
         try:
@@ -223,7 +258,12 @@ class ScriptLoop:
         """Apply open traffic intents; True when one is still not applied (paged after a while)."""
         shared = self._shared
         stuck: tuple[Intent, Exception] | None = None
-        for intent, applied in await shared.actuator.reconcile(self.script):
+        try:
+            outcomes = await shared.actuator.reconcile(self.script)
+        except StoreError as exc:  # open intents unknown: hold (a rollback still goes through)
+            log.error("state store unreadable; holding", script=self.script, error=str(exc))
+            return True
+        for intent, applied in outcomes:
             failed = isinstance(applied, Exception)
             shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
             if isinstance(applied, Applied) and applied.refused:
@@ -236,7 +276,8 @@ class ScriptLoop:
             ):
                 # decided at an earlier tick, live only now: its step counts from now
                 state = self.engine.traffic_took_effect(self.state, now).state
-                await shared.store.commit(self.script, state.to_json(), [], [], now)
+                with suppress(StoreError):  # the state goes on in memory; the next commit has it
+                    await shared.store.commit(self.script, state.to_json(), [], [], now)
                 self.state = state
             if isinstance(applied, Exception):
                 stuck = (intent, applied)
@@ -283,7 +324,11 @@ class ScriptLoop:
                 },
             }
         note = NewNotification("pagerduty", event, key)
-        await self._shared.store.commit(self.script, self.state.to_json(), [], [note], now)
+        state = self.state.to_json()
+        try:
+            await self._shared.store.commit(self.script, state, [], [note], now)
+        except StoreError:  # a critical page: sent directly, kept until the store is back
+            await self._shared.guard.keep(self.script, state, [], [note], now, [])
         self._stuck_paged = intent is not None
         self._shared.outbox.wake()
 
@@ -366,6 +411,8 @@ class ScriptLoop:
                         kind=intent.kind,
                         error=str(result),
                     )
+        if shared.guard.store.kept:  # pages the store could not queue: sent directly
+            await shared.guard.send_pages()
         return decisions
 
     async def _persist(
@@ -378,9 +425,27 @@ class ScriptLoop:
     ) -> None:
         entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
         intents = intents_for(decisions, live, before.to_json())
-        await self._shared.store.commit(
-            self.script, state.to_json(), entries, notifications(decisions, before), now, intents
-        )
+        notes = notifications(decisions, before)
+        try:
+            await self._shared.store.commit(
+                self.script, state.to_json(), entries, notes, now, intents
+            )
+        except StoreError as exc:
+            if any(intent.kind != "rollback" for intent in intents):
+                raise  # progress waits for its durable intent; the next tick decides again
+            # The rest goes on without the store: the rollout's state in memory (a rule's
+            # breach keeps counting towards its rollback), decisions carried out now (a
+            # rollback, its page) and kept, in order, until the store takes them.
+            if entries or notes:
+                await self._shared.guard.keep(
+                    self.script, state.to_json(), entries, notes, now, intents
+                )
+            elif self._shared.guard.store.lost is None:  # a lost store was logged once
+                log.warning(
+                    "state store failed; the rollout's state is kept in memory",
+                    script=self.script,
+                    error=str(exc),
+                )
         self.state = state
 
     async def _frozen(self) -> str | None:

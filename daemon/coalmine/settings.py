@@ -265,5 +265,12 @@ def reference() -> str:
         "",
         "One more variable is read by the command line only: `COALMINE_DEBUG=1` makes an",
         "internal error (a bug, exit 70) print its Python traceback instead of one line.",
+        "",
+        "Settings are read once, at start. SIGHUP reloads the policies only (`COALMINE_POLICIES`),",
+        "validated first: an invalid set is refused with a warning and the running policies stay",
+        '(see [reliability.md, "Signals"](reliability.md#signals)). At start, a',
+        "`COALMINE_STATE_URL` whose database cannot be used (a missing or read-only folder, a file",
+        "that is not a SQLite database or is corrupt, a schema from a newer coalmine) stops",
+        "coalmine with exit 2, naming the file and the cause.",
     ]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,14 @@ from coalmine.cli.replay import format_table, parse_records, replay
 from coalmine.cli.validate import validate
 from coalmine.durations import parse_duration
 from coalmine.engine import Engine, Options
-from coalmine.errors import CoalmineError, ConfigError, LocalError, PolicyError, ReplayFormatError
+from coalmine.errors import (
+    CoalmineError,
+    ConfigError,
+    LocalError,
+    PolicyError,
+    ReplayFormatError,
+    StoreError,
+)
 from coalmine.logs import configure as configure_logging
 from coalmine.policy import json_schema
 from coalmine.policyfile import load_policies, load_policy
@@ -192,16 +199,25 @@ def _open_store(args: argparse.Namespace) -> SqliteStore:
     path = Path(args.state) if args.state else load_settings().state_path
     if not path.is_file():
         raise ConfigError(f"no state database at {path} (set COALMINE_STATE_URL or --state)")
-    return SqliteStore(path)
+    try:
+        return SqliteStore(path)
+    except StoreError as exc:  # garbage, corrupt, newer schema: name the file and the cause
+        raise ConfigError(str(exc)) from None
 
 
 def _journal_verify(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         result = store.verify_journal()
+        genesis = store.opened_identity
+    # the genesis tells a journal that restarted from zero (a new store) from the one it replaced
+    since = f"genesis: store {genesis.id} created {genesis.created_at.isoformat()}"
     if result.ok:
-        print(f"journal ok: {result.entries} entries, head {result.head}")
+        print(f"journal ok: {result.entries} entries, head {result.head}, {since}")
         return 0
-    print(f"journal BROKEN after {result.entries} good entries: {result.problem}", file=sys.stderr)
+    print(
+        f"journal BROKEN after {result.entries} good entries: {result.problem} ({since})",
+        file=sys.stderr,
+    )
     return 1
 
 

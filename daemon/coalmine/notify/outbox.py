@@ -236,6 +236,19 @@ class Outbox:
         if self._on_result:
             self._on_result(item.channel, str(exc))
 
+    async def send_now(self, note: NewNotification) -> None:
+        """Deliver one notification at once, past the stored outbox (for when the state store
+        cannot take it: a rollback's page must not wait); raises DeliveryError if refused."""
+        item = OutboxItem(0, note.channel, note.dedup_key, note.payload, 0, self._clock())
+        try:
+            await self._send(item)
+        except DeliveryError as exc:
+            if self._on_result:
+                self._on_result(note.channel, str(exc))
+            raise
+        if self._on_result:
+            self._on_result(note.channel, None)
+
     def _backoff(self, attempts: int) -> float:
         return self._rng.uniform(0.5, 1.0) * min(self._max_backoff, 2.0 ** min(attempts, 12))
 

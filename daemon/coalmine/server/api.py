@@ -100,9 +100,12 @@ class Api:
         return PlainTextResponse("ok\n")
 
     async def _get_readyz(self, request: Request) -> Response:
-        if self.ready:
-            return PlainTextResponse("ready\n")
-        return PlainTextResponse("starting\n", status_code=503)
+        if not self.ready:
+            return PlainTextResponse("starting\n", status_code=503)
+        why = self._health.not_ready
+        if why is not None:
+            return PlainTextResponse(why + "\n", status_code=503)
+        return PlainTextResponse("ready\n")
 
     async def _get_openapi(self, request: Request) -> Response:
         return self._openapi

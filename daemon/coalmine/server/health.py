@@ -28,6 +28,9 @@ class Health:
         self._clock = clock
         self._checks: dict[str, Check] = {}
         self._store_failing_since: float | None = None
+        self.store_problem: str | None = None  # why the state store is not ok, when known
+        self.store_lost = False  # deleted or replaced under the daemon: nothing can be recorded
+        self.store_kept = 0  # records waiting in memory for the state store
 
     def expect(self, *dependencies: str) -> None:
         """Dependencies that appear in /health even before their first call."""
@@ -58,11 +61,19 @@ class Health:
             self._store_failing_since = self._clock()
 
     @property
+    def not_ready(self) -> str | None:
+        """Why /readyz fails: the state store cannot record (None when it can)."""
+        if self.store_ok and not self.store_lost and not self.store_kept:
+            return None
+        return self.store_problem or "the state store is failing"
+
+    @property
     def status(self) -> Status:
         """``degraded`` while any dependency fails; ``unhealthy`` once the state store has failed
-        for longer than :data:`STORE_UNHEALTHY_AFTER` (no decision can be recorded)."""
+        for longer than :data:`STORE_UNHEALTHY_AFTER`, or at once when it is lost (no decision
+        can be recorded)."""
         since = self._store_failing_since
-        if since is not None and self._clock() - since > STORE_UNHEALTHY_AFTER:
+        if self.store_lost or (since is not None and self._clock() - since > STORE_UNHEALTHY_AFTER):
             return "unhealthy"
         healthy = since is None and all(c.ok for c in self._checks.values())
         return "healthy" if healthy else "degraded"
@@ -80,8 +91,13 @@ class Health:
                 entry["error"] = check.error
                 entry["failing_for_s"] = round(now - (check.failing_since or now), 1)
             out[name] = entry
-        out["state_store"] = {
-            "status": "healthy" if self.store_ok else "failing",
-            "latency_ms": None,
-        }
+        store: dict[str, Any] = {"status": "healthy", "latency_ms": None}
+        if self.not_ready is not None:
+            since = self._store_failing_since
+            store["status"] = "failing"
+            store["error"] = self.not_ready
+            store["failing_for_s"] = round(now - (since or now), 1)
+            if self.store_kept:
+                store["kept_in_memory"] = self.store_kept
+        out["state_store"] = store
         return out

@@ -137,6 +137,28 @@ class Metrics:
             "Entries in the decision journal at the last check.",
             registry=registry,
         )
+        self.store = Info(
+            "coalmine_store",
+            "The state store's identity: the id it was created with (the journal's genesis).",
+            registry=registry,
+        )
+        self.store_created = Gauge(
+            "coalmine_store_created_timestamp_seconds",
+            "When the state store (and its journal) was created; it changes when the journal"
+            " restarted from zero.",
+            registry=registry,
+        )
+        self.store_lost = Gauge(
+            "coalmine_store_lost",
+            "1 while the state store's file is deleted or replaced under the daemon.",
+            registry=registry,
+        )
+        self.store_kept = Gauge(
+            "coalmine_store_kept_records",
+            "Records (ticks that rolled back, traffic-change outcomes) waiting in memory for the"
+            " state store.",
+            registry=registry,
+        )
         self.internal_errors = Counter(
             "coalmine_internal_errors_total",
             "Ticks skipped because of an unexpected error (a bug; see the logs).",

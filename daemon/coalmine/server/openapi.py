@@ -137,7 +137,11 @@ def _schemas() -> dict[str, Any]:
                 "status": {"enum": ["healthy", "failing"]},
                 "latency_ms": _nullable({"type": "number", "minimum": 0}),
             },
-            {"error": string, "failing_for_s": {"type": "number", "minimum": 0}},
+            {
+                "error": string,
+                "failing_for_s": {"type": "number", "minimum": 0},
+                "kept_in_memory": {"type": "integer", "minimum": 0},
+            },
         ),
         "Health": _object(
             {
@@ -266,8 +270,8 @@ def _paths() -> dict[str, Any]:
         ),
         "/readyz": _get(
             "readyz",
-            "Readiness: 200 once every script's loop runs.",
-            {"200": _text("`ready`"), "503": _text("`starting`")},
+            "Readiness: 200 once every script's loop runs and while the state store records.",
+            {"200": _text("`ready`"), "503": _text("`starting`, or why the store cannot record")},
             tags=["operations"],
         ),
         OPENAPI_PATH: _get(

@@ -19,6 +19,7 @@ from coalmine.store.records import (
     NewIntent,
     NewNotification,
     OutboxItem,
+    StoreIdentity,
     Verification,
 )
 
@@ -29,6 +30,15 @@ class StateStore(Protocol):
     @property
     def location(self) -> str:
         """Where the store lives, fit to print (a file path, or a URL without its password)."""
+        ...
+
+    async def identity(self) -> StoreIdentity:
+        """The identity of the store found at :attr:`location` now.
+
+        Raises :class:`~coalmine.errors.StoreError` when none can be read there, or when the
+        location no longer holds the store that was opened (a database file deleted or replaced
+        under a running daemon): the daemon compares it with the identity it started with.
+        """
         ...
 
     async def commit(

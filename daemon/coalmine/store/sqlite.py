@@ -18,6 +18,7 @@ Every ``sqlite3`` error becomes a :class:`~coalmine.errors.StoreError`.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from coalmine.store.records import (
     NewIntent,
     NewNotification,
     OutboxItem,
+    StoreIdentity,
     Verification,
 )
 
@@ -86,7 +88,41 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal
         BEGIN SELECT RAISE(ABORT, 'the journal is append-only'); END;
     """,
+    # The store's identity: made once, so that a database that restarted at zero (deleted and
+    # created again) is told apart from the one it replaced. A database from before this
+    # migration dates from its first journal entry.
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('store_id', lower(hex(randomblob(16))));
+    INSERT INTO meta (key, value) VALUES ('created_at', coalesce(
+        (SELECT recorded_at FROM journal ORDER BY seq LIMIT 1),
+        strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
+    """,
 )
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+# What SQLite's messages mean for an operator, by a word they contain.
+_CAUSES = (
+    ("not a database", "it is not a SQLite database (overwritten, or not coalmine's file)"),
+    ("malformed", "it is corrupt (SQLite: database disk image is malformed)"),
+    ("readonly", "it cannot be written (a read-only file or file system)"),
+    ("read-only", "it cannot be written (a read-only file or file system)"),
+    ("unable to open", "it cannot be opened (permissions, or a read-only or missing folder)"),
+    ("disk is full", "its file system is full"),
+    ("disk i/o", "the disk failed to read or write it (I/O error)"),
+)
+
+
+def explain(path: str, exc: sqlite3.Error) -> str:
+    """An operator's account of why the database at ``path`` cannot be used."""
+    text = str(exc)
+    for word, cause in _CAUSES:
+        if word in text.lower():
+            return f"state database {path}: {cause}"
+    return f"state database {path}: {text}"
 
 
 def _ts(t: datetime) -> str:
@@ -97,21 +133,44 @@ def _ts(t: datetime) -> str:
 T = TypeVar("T")
 
 
+def _file_id(path: str) -> tuple[int, int]:
+    """The file system's name for the file at ``path``: (device, inode)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 class SqliteStore:
     """One SQLite database, used from the daemon's event-loop thread only (writes are small)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        folder = Path(self.path).parent
+        if not folder.is_dir():
+            raise StoreError(f"state database {self.path}: its folder {folder} does not exist")
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=2.0
             )
+        except sqlite3.Error as exc:
+            raise StoreError(explain(self.path, exc)) from None
+        try:
+            self._file = _file_id(self.path)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+            self._db.execute(  # proves, at start, that the database can be written
+                "INSERT INTO meta (key, value) VALUES ('opened_at', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_ts(datetime.now(UTC)),),
+            )
+            self.opened_identity = self._read_identity(self._db)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open state database {self.path}: {exc}") from None
+            self._db.close()
+            raise StoreError(explain(self.path, exc)) from None
+        except StoreError:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         """Close the database."""
@@ -138,6 +197,50 @@ class SqliteStore:
                     f"BEGIN IMMEDIATE; {MIGRATIONS[number]};"
                     f" PRAGMA user_version = {number + 1}; COMMIT;"
                 )
+
+    def _read_identity(self, db: sqlite3.Connection) -> StoreIdentity:
+        rows = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        try:
+            return StoreIdentity(rows["store_id"], datetime.fromisoformat(rows["created_at"]))
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(
+                f"state database {self.path}: its identity (table meta) is missing or damaged"
+            ) from None
+
+    def identity(self) -> StoreIdentity:
+        """The identity of the database at :attr:`path` now, read over a connection of its own.
+
+        Raises :class:`StoreError` when the path no longer holds the file this store opened:
+        deleted, replaced, truncated or overwritten. (SQLite goes on writing to a deleted file
+        without a word; nothing written there survives a restart.)
+        """
+        try:
+            if _file_id(self.path) != self._file:
+                raise StoreError(f"state database {self.path} was replaced by another file")
+            with Path(self.path).open("rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except FileNotFoundError:
+            raise StoreError(f"state database {self.path} was deleted") from None
+        except OSError as exc:
+            raise StoreError(f"state database {self.path} cannot be read: {exc}") from None
+        if header != SQLITE_HEADER:
+            raise StoreError(
+                f"state database {self.path} was truncated or overwritten: no SQLite header"
+            )
+        try:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=2.0)
+        except sqlite3.Error as exc:
+            raise StoreError(explain(self.path, exc)) from None
+        try:
+            return self._read_identity(db)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return self.opened_identity  # the same file, its header intact: just busy
+            raise StoreError(explain(self.path, exc)) from None
+        except sqlite3.Error as exc:
+            raise StoreError(explain(self.path, exc)) from None
+        finally:
+            db.close()
 
     @property
     def schema_version(self) -> int:
@@ -376,6 +479,10 @@ class ThreadedSqlite:
 
     async def _run(self, call: Callable[[], T]) -> T:
         return await anyio.to_thread.run_sync(call, limiter=self._one)
+
+    async def identity(self) -> StoreIdentity:
+        """See :meth:`SqliteStore.identity` (its own connection: not behind the writer)."""
+        return await anyio.to_thread.run_sync(self.sync.identity)
 
     async def commit(
         self,
