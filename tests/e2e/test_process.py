@@ -61,7 +61,7 @@ def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def wait_for(predicate: object, seconds: float = 30.0) -> None:
+async def wait_for(predicate: object, seconds: float = 90.0) -> None:
     """Poll an async predicate until true, with a deadline."""
     with anyio.fail_after(seconds):
         while not await predicate():  # type: ignore[operator]
