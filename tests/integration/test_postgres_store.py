@@ -170,3 +170,29 @@ async def test_operations_started_finish_when_their_caller_is_cancelled(postgres
         assert (await store.verify_journal()).entries == 1
     finally:
         await store.aclose()
+
+
+async def test_identity_is_made_once_and_a_new_database_has_another(
+    postgres_server: RunningPostgres,
+) -> None:
+    """The store's id and creation time are made by the first migration and read back the same
+    by every later open; a new database gets a new id; a dropped schema is a StoreError."""
+    url = postgres_server.new_database()
+    first = PostgresStore(url)
+    try:
+        made = await first.identity()
+    finally:
+        await first.aclose()
+    again = PostgresStore(url)
+    try:
+        assert await again.identity() == made
+        other = PostgresStore(postgres_server.new_database())
+        try:
+            assert (await other.identity()).id != made.id
+        finally:
+            await other.aclose()
+        Backend("postgres", url).execute("DROP TABLE meta")
+        with pytest.raises(StoreError, match="identity"):
+            await again.identity()
+    finally:
+        await again.aclose()

@@ -41,6 +41,7 @@ from coalmine.store.records import (
     NewIntent,
     NewNotification,
     OutboxItem,
+    StoreIdentity,
     Verification,
 )
 from coalmine.store.urls import is_postgres_url, redact, scrub
@@ -251,6 +252,24 @@ class PostgresStore:
             for number in range(version, len(MIGRATIONS)):
                 await conn.execute(MIGRATIONS[number].encode())
                 await conn.execute("UPDATE schema_version SET version = %s", (number + 1,))
+
+    async def identity(self) -> StoreIdentity:
+        """The identity of the store in the database now (the ``meta`` row made by the first
+        migration); a StoreError when it cannot be read there (the schema dropped, say)."""
+
+        async def read(conn: Connection) -> tuple[str, datetime] | None:
+            try:
+                cursor = await conn.execute("SELECT id, created_at FROM meta")
+            except psycopg.errors.UndefinedTable:
+                return None
+            return await cursor.fetchone()
+
+        row = await self._run(read)
+        if row is None:
+            raise StoreError(
+                f"state database {self._location}: its identity (table meta) is missing"
+            )
+        return StoreIdentity(row[0], row[1])
 
     async def schema_version(self) -> int:
         """The schema version the database is at."""
