@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -32,6 +32,7 @@ from coalmine.errors import ConfigError, StoreError
 from coalmine.notify.outbox import Outbox, Receivers
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policies
+from coalmine.replicas import LeaseKeeper
 from coalmine.server.api import Api
 from coalmine.server.health import Health
 from coalmine.server.httpserver import serve
@@ -41,6 +42,7 @@ from coalmine.sources import Source
 from coalmine.sources.cloudflare import CloudflareAnalytics
 from coalmine.sources.prometheus import PrometheusSource
 from coalmine.store import StateStore, open_store
+from coalmine.store.leases import OUTBOX, exclusive_file, shared
 from coalmine.store.records import Verification
 
 log = structlog.get_logger("coalmine")
@@ -140,6 +142,7 @@ class Daemon:
     outbox: Outbox
     metrics: Metrics
     health: Health
+    leases: LeaseKeeper | None = None
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve HTTP, deliver notifications and run every script's loop until cancelled.
@@ -152,9 +155,13 @@ class Daemon:
             bound = await tg.start(
                 lambda task_status: serve(self.api, host, port, task_status=task_status)
             )
-            for loop in self.loops.values():
-                await self.shared.actuator.reconcile(loop.script)
-            tg.start_soon(self.outbox.run)
+            if self.leases is None:
+                for loop in self.loops.values():
+                    await self.shared.actuator.reconcile(loop.script)
+                tg.start_soon(self.outbox.run)
+            else:  # each holder reconciles its own scripts as it takes them
+                tg.start_soon(self.keep_leases)
+                tg.start_soon(self.leases.while_held, OUTBOX, self.outbox.run)
             tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
             for i, loop in enumerate(self.loops.values(), start=1):
                 tg.start_soon(loop.run, loop_phase(i))
@@ -165,10 +172,33 @@ class Daemon:
                 listen=f"{host}:{bound}",
                 scripts=sorted(self.loops),
                 dry_run=self.settings.dry_run,
+                replica=self.leases.replica if self.leases else None,
                 auto_rollback=self.settings.auto_rollback,
                 auto_promote=self.settings.auto_promote,
             )
             task_status.started(bound)
+
+    async def keep_leases(self) -> None:
+        """Keep this replica's leases; give them back on a clean stop."""
+        keeper = self.leases
+        assert keeper is not None
+        keeper.on_round = self._after_lease_round
+        try:
+            await keeper.run()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await keeper.step_down()
+
+    async def _after_lease_round(self, acquired: set[str], lost: set[str]) -> None:
+        """Wake the loops of scripts just taken; show the holders' state for the others."""
+        keeper = self.leases
+        assert keeper is not None
+        for script in acquired & self.loops.keys():
+            self.loops[script].wake()
+        saved = await self.store.states()
+        for script, loop in self.loops.items():
+            if keeper.fence(script) is None and script in saved:
+                loop.state = RolloutState.from_json(saved[script])
 
     async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""
@@ -208,11 +238,14 @@ async def open_daemon(
     clock: Callable[[], datetime] = _now,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     transport: httpx.AsyncBaseTransport | None = None,
+    replicas: bool | None = None,
 ) -> AsyncIterator[Daemon]:
     """Build the daemon from settings and policies (from :func:`prepare`); close it after.
 
     ``clock`` and ``sleep`` are the daemon's time: the wall clock by default, a virtual clock
     in tests and backtests (the rate limiter and retries then wait in virtual time too).
+    ``replicas``: share the scripts with other replicas through leases (default: when the
+    store supports it and is not SQLite, which allows one process).
     """
     monotonic = time.monotonic if clock is _now else (lambda: clock().timestamp())
     options = Options(settings.auto_rollback, settings.auto_promote, settings.dry_run)
@@ -251,7 +284,8 @@ async def open_daemon(
             health.record(channel, 0.0, error)
 
         outbox = Outbox(store, http, receivers, clock, on_result=delivered)
-        actuator = Actuator(cloudflare, store, clock)
+        keeper = _keeper(settings, store, policies, metrics, replicas)
+        actuator = Actuator(cloudflare, store, clock, fence=keeper.check if keeper else None)
         shared = Shared(
             store,
             cloudflare,
@@ -262,6 +296,7 @@ async def open_daemon(
             outbox,
             clock,
             settings.discovery_interval,
+            leases=keeper,
         )
         saved = await store.states()
         loops = {}
@@ -275,7 +310,27 @@ async def open_daemon(
                 )
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
         api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
-        yield Daemon(settings, store, shared, loops, api, outbox, metrics, health)
+        yield Daemon(settings, store, shared, loops, api, outbox, metrics, health, keeper)
+
+
+def _keeper(
+    settings: Settings,
+    store: StateStore,
+    policies: list[Policy],
+    metrics: Metrics,
+    replicas: bool | None,
+) -> LeaseKeeper | None:
+    """The lease keeper of a replica sharing ``store``; None when it runs alone."""
+    leased = shared(store)
+    if replicas is None:
+        replicas = not settings.state_url.startswith("sqlite:")
+    if not replicas or leased is None:
+        return None
+    scripts = [script for policy in policies for script in policy.scripts]
+    ttl = settings.lease_ttl.total_seconds()
+    keeper = LeaseKeeper(leased, settings.replica, ttl, scripts, metrics.registry)
+    leased.fence = keeper.holdings  # every tick's write checks the lease in its transaction
+    return keeper
 
 
 async def run_until_signalled(settings: Settings, policies: list[Policy]) -> None:
@@ -290,5 +345,8 @@ async def run_until_signalled(settings: Settings, policies: list[Policy]) -> Non
                     return
 
         tg.start_soon(watch_signals)
-        async with open_daemon(settings, policies) as daemon:
-            await daemon.serve()
+        with ExitStack() as stack:
+            if settings.state_url.startswith("sqlite:"):  # SQLite allows one process
+                stack.enter_context(exclusive_file(settings.state_path))
+            async with open_daemon(settings, policies) as daemon:
+                await daemon.serve()

@@ -8,6 +8,8 @@ variable.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -92,6 +94,16 @@ class Settings(BaseSettings):
         default="sqlite:///coalmine.db",
         description="SQLite file for rollout state, intents, outbox and the journal.",
     )
+    lease_ttl: Duration = Field(
+        default=timedelta(seconds=15),
+        description="Replicas on PostgreSQL: how long a script's lease lasts unrenewed before"
+        " another replica takes the script over (renewed every third of it).",
+    )
+    replica_id: str | None = Field(
+        default=None,
+        description="This replica's name in leases, /metrics and `coalmine status`."
+        " Unset: hostname-pid.",
+    )
     cloudflare_rate_limit: int = Field(
         default=600,
         gt=0,
@@ -128,6 +140,13 @@ class Settings(BaseSettings):
             _url(value.get_secret_value())
         return value or None
 
+    @field_validator("lease_ttl")
+    @classmethod
+    def _check_lease_ttl(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("must be at least 1s, e.g. 15s")
+        return value
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
@@ -148,6 +167,11 @@ class Settings(BaseSettings):
         """``listen`` split into host and port."""
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+    @property
+    def replica(self) -> str:
+        """This replica's id: ``COALMINE_REPLICA_ID``, else hostname-pid."""
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
     @property
     def state_path(self) -> Path:
