@@ -183,6 +183,11 @@ class Daemon:
         keeper = self.leases
         assert keeper is not None
         keeper.on_round = self._after_lease_round
+
+        def store_ok(ok: bool) -> None:  # a replica holding nothing still reports its store
+            self.health.store_ok = ok
+
+        keeper.on_store = store_ok
         try:
             await keeper.run()
         finally:

@@ -127,6 +127,7 @@ class LeaseKeeper:
         self.table: dict[str, LeaseRow] = {}
         self.metrics = LeaseMetrics(registry)
         self.on_round: Callable[[set[str], set[str]], Awaitable[None]] | None = None
+        self.on_store: Callable[[bool], None] = lambda ok: None  # whether a round could write
         self._clock = clock
         self._outbox_changed = anyio.Event()
 
@@ -211,9 +212,11 @@ class LeaseKeeper:
         while True:
             try:
                 acquired, lost = await self.round()
+                self.on_store(True)
                 if self.on_round is not None:
                     await self.on_round(acquired, lost)
             except CoalmineError as exc:
+                self.on_store(False)
                 log.error("lease round failed", replica=self.replica, error=str(exc))
             await anyio.sleep(self.period)
 
