@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck unit demo bench clean system-deps
+.PHONY: test lint typecheck unit demo bench clean system-deps system-deps-prometheus \
+	system-deps-postgresql
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +22,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict
 
-# The integration tests start a real Prometheus: Debian's package, installed here when missing.
-system-deps:
+# The integration tests start a real Prometheus and a real PostgreSQL: Debian's packages,
+# installed here when missing.
+system-deps: system-deps-prometheus system-deps-postgresql
+
+system-deps-prometheus:
 	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
 	  echo "Installing Debian's prometheus package for the integration tests..."; \
 	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
@@ -37,12 +41,29 @@ system-deps:
 	  fi; \
 	fi
 
+# The tests run their own server (initdb + pg_ctl in a temporary folder, a free loopback
+# port), never the cluster the package may have set up.
+system-deps-postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "Installing Debian's postgresql package for the integration tests..."; \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $$sudo apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1 || \
+	    { $$sudo apt-get update -q >/dev/null && \
+	      $$sudo apt-get install -y -q --no-install-recommends postgresql >/dev/null; } || \
+	    echo "warning: could not install postgresql; its integration tests will be skipped"; \
+	  else \
+	    echo "warning: no apt-get; install PostgreSQL (initdb, pg_ctl) to run its integration tests"; \
+	  fi; \
+	fi
+
 unit: $(STAMP) system-deps
 	$(BIN)/pytest
 
 test: lint typecheck unit
 
-demo: $(STAMP) system-deps
+demo: $(STAMP) system-deps-prometheus
 	$(BIN)/coalmine demo
 
 bench: $(STAMP)

@@ -1,8 +1,9 @@
-"""Shared fixtures: the repository's policies and an engine factory."""
+"""Shared fixtures: the repository's policies, an engine factory, a real PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,8 @@ from coalmine.engine import Engine, Options
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policy
 
+from .integration.postgres import RunningPostgres, running_postgres
+from .stores import BACKENDS, Backend
 from .support import ROOT
 
 EngineFactory = Callable[..., Engine]
@@ -41,3 +44,25 @@ def engine_for() -> EngineFactory:
 def anyio_backend() -> str:
     """Async tests run on asyncio (the daemon's backend)."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[RunningPostgres]:
+    """One real PostgreSQL for the whole session (skipped without Debian's package, failed
+    when COALMINE_REQUIRE_POSTGRES=1)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: RunningPostgres) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL (password included)."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Each state-store backend in turn: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return Backend.sqlite(tmp_path / "state.db")
+    return Backend("postgres", request.getfixturevalue("postgres_url"))

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from coalmine.durations import format_duration
 from coalmine.errors import ConfigError
 from coalmine.policy import Duration
+from coalmine.store.urls import is_postgres_url, postgres_url_problem
 
 PREFIX = "COALMINE_"
 
@@ -92,7 +93,9 @@ class Settings(BaseSettings):
     )
     state_url: str = Field(
         default="sqlite:///coalmine.db",
-        description="SQLite file for rollout state, intents, outbox and the journal.",
+        repr=False,  # a PostgreSQL URL may carry a password
+        description="Where rollout state, intents, outbox and the journal live: `sqlite:///PATH` "
+        "(one process) or `postgresql://USER:PASSWORD@HOST:PORT/DB` (shared by replicas).",
     )
     lease_ttl: Duration = Field(
         default=timedelta(seconds=15),
@@ -158,8 +161,16 @@ class Settings(BaseSettings):
     @field_validator("state_url")
     @classmethod
     def _check_state_url(cls, value: str) -> str:
+        if is_postgres_url(value):
+            problem = postgres_url_problem(value)
+            if problem:
+                raise ValueError(f"not a usable PostgreSQL URL: {problem}")
+            return value
         if not value.startswith("sqlite:///") or value == "sqlite:///":
-            raise ValueError("must be sqlite:///PATH (e.g. sqlite:///coalmine.db)")
+            raise ValueError(
+                "must be sqlite:///PATH (e.g. sqlite:///coalmine.db)"
+                " or postgresql://USER:PASSWORD@HOST:PORT/DB"
+            )
         return value
 
     @property
@@ -232,6 +243,14 @@ def reference() -> str:
         secret = " (secret)" if "SecretStr" in str(field.annotation) else ""
         lines.append(f"| `{env_name(name)}` | {shown} | {field.description}{secret} |")
     lines += [
+        "",
+        "`COALMINE_STATE_URL` picks the state store. `sqlite:///PATH` (the default) is one file",
+        "for one process. `postgresql://USER:PASSWORD@HOST:PORT/DB` (or `postgres://`; libpq's",
+        "parameters may follow, e.g. `?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem`) keeps",
+        "the same tables in PostgreSQL, which several processes may share; coalmine creates and",
+        "migrates its tables at start. Off loopback, a URL without `sslmode` (and no `PGSSLMODE`)",
+        "connects over TLS and verifies the server's certificate against the system's roots. The",
+        "password is never printed: logs, `/health` and errors show the URL without it.",
         "",
         "One more variable is read by the command line only: `COALMINE_DEBUG=1` makes an",
         "internal error (a bug, exit 70) print its Python traceback instead of one line.",

@@ -57,7 +57,13 @@ def test_values_from_the_environment() -> None:
         ("COALMINE_LISTEN", "9300", "must be host:port"),
         ("COALMINE_LISTEN", "localhost:http", "must be host:port"),
         ("COALMINE_PROMETHEUS_URL", "prometheus:9090", "http(s) URL"),
-        ("COALMINE_STATE_URL", "postgres://db", "sqlite:///PATH"),
+        ("COALMINE_STATE_URL", "mysql://db/coalmine", "sqlite:///PATH"),
+        ("COALMINE_STATE_URL", "postgres://db.internal", "name the database"),
+        (
+            "COALMINE_STATE_URL",
+            "postgresql://u@db/c?colour=red",
+            'invalid URI query parameter: "colour"',
+        ),
         ("COALMINE_LOG_FORMAT", "xml", "'json' or 'console'"),
         ("COALMINE_LOG_LEVEL", "loud", "'debug'"),
     ],
@@ -88,6 +94,25 @@ def test_secrets_never_show() -> None:
         load_settings({"COALMINE_SLACK_WEBHOOK_URL": f"not-a-url-{secret}"})
     assert secret not in str(caught.value)
     assert str(caught.value).startswith("COALMINE_SLACK_WEBHOOK_URL: ")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://coalmine:s3cret-pw@db.internal:5432/coalmine",
+        "postgres://coalmine@db.internal/coalmine?password=s3cret-pw&sslmode=verify-full",
+    ],
+)
+def test_postgres_state_url_is_accepted_and_its_password_never_shows(url: str) -> None:
+    """postgresql:// and postgres:// URLs are accepted; their password is not in the settings'
+    repr, nor in the error about a malformed one."""
+    s = load_settings({"COALMINE_STATE_URL": url})
+    assert s.state_url == url
+    assert "s3cret-pw" not in repr(s) and "s3cret-pw" not in str(s)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"COALMINE_STATE_URL": url + ("&" if "?" in url else "?") + "colour=red"})
+    assert "s3cret-pw" not in str(caught.value)
+    assert str(caught.value).startswith("COALMINE_STATE_URL: ")
 
 
 def test_every_field_has_a_variable_and_description() -> None:

@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 
@@ -25,9 +26,12 @@ from coalmine.logs import configure as configure_logging
 from coalmine.policy import json_schema
 from coalmine.policyfile import load_policies, load_policy
 from coalmine.settings import Settings, env_name, load_settings
-from coalmine.store.sqlite import SqliteStore
+from coalmine.store.base import StateStore
+from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
+from coalmine.store.urls import is_postgres_url
 
 EXIT_LOCAL_ERROR = 2
+T = TypeVar("T")
 EXIT_INTERNAL = 70
 
 
@@ -108,7 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     for sub in (verify, export):
         sub.add_argument(
-            "--state", metavar="PATH", help="database file (default: COALMINE_STATE_URL)"
+            "--state",
+            metavar="PATH|URL",
+            help="database file or postgresql:// URL (default: COALMINE_STATE_URL)",
         )
     verify.set_defaults(handler=_journal_verify)
     export.set_defaults(handler=_journal_export)
@@ -188,16 +194,31 @@ def _command(args: argparse.Namespace) -> int:
     return client.command(load_settings(), args.url, args.script, args.kind, args.version)
 
 
-def _open_store(args: argparse.Namespace) -> SqliteStore:
-    path = Path(args.state) if args.state else load_settings().state_path
+def _open_store(args: argparse.Namespace) -> StateStore:
+    """The journal's store: ``--state`` (a file or a URL) or COALMINE_STATE_URL; a
+    PostgreSQL database without coalmine's tables is refused, never initialised."""
+    url = args.state or load_settings().state_url
+    if is_postgres_url(url):
+        # imported here: only a PostgreSQL URL pays for the driver's import
+        from coalmine.store.postgres import PostgresStore  # noqa: PLC0415
+
+        return PostgresStore(url, create=False)
+    path = Path(url.removeprefix("sqlite:///"))
     if not path.is_file():
         raise ConfigError(f"no state database at {path} (set COALMINE_STATE_URL or --state)")
-    return SqliteStore(path)
+    return ThreadedSqlite(SqliteStore(path))
+
+
+async def _closing(store: StateStore, call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    finally:
+        await store.aclose()
 
 
 def _journal_verify(args: argparse.Namespace) -> int:
-    with _open_store(args) as store:
-        result = store.verify_journal()
+    store = _open_store(args)
+    result = anyio.run(_closing, store, store.verify_journal)
     if result.ok:
         print(f"journal ok: {result.entries} entries, head {result.head}")
         return 0
@@ -206,13 +227,14 @@ def _journal_verify(args: argparse.Namespace) -> int:
 
 
 def _journal_export(args: argparse.Namespace) -> int:
-    with _open_store(args) as store:
-        lines = (json.dumps(entry.to_dict()) + "\n" for entry in store.journal(since=args.since))
-        if args.output == "-":
-            sys.stdout.writelines(lines)
-        else:
-            with Path(args.output).open("w", encoding="utf-8") as out:
-                out.writelines(lines)
+    store = _open_store(args)
+    entries = anyio.run(_closing, store, lambda: store.journal(since=args.since))
+    lines = (json.dumps(entry.to_dict()) + "\n" for entry in entries)
+    if args.output == "-":
+        sys.stdout.writelines(lines)
+    else:
+        with Path(args.output).open("w", encoding="utf-8") as out:
+            out.writelines(lines)
     return 0
 
 
