@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 from coalmine.engine.model import format_time
 from coalmine.errors import StoreError
 from coalmine.store.journal import GENESIS, canonical, entry_hash, verify_entries
+from coalmine.store.pg_leases import LEASE_MIGRATION, PostgresLeaseOps
 from coalmine.store.records import (
     Intent,
     JournalEntry,
@@ -115,6 +116,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER journal_no_truncate BEFORE TRUNCATE ON journal
         FOR EACH STATEMENT EXECUTE FUNCTION coalmine_journal_append_only();
     """,
+    LEASE_MIGRATION,
 )
 
 T = TypeVar("T")
@@ -148,7 +150,7 @@ async def _configure(conn: Connection) -> None:
     await conn.execute(f"SET statement_timeout = '{int(OPERATION_TIMEOUT * 1000)}ms'")
 
 
-class PostgresStore:
+class PostgresStore(PostgresLeaseOps):
     """A PostgreSQL database behind the :class:`~coalmine.store.base.StateStore` seam.
 
     Nothing connects until the first call: that call opens a direct connection to migrate the
@@ -293,6 +295,7 @@ class PostgresStore:
 
         async def work(conn: Connection) -> list[int]:
             async with conn.transaction():
+                epoch = await self.fenced(conn, script)  # replicas: still the holder?
                 await conn.execute(
                     "INSERT INTO rollouts (script, state, updated_at) VALUES (%s, %s, %s)"
                     " ON CONFLICT (script) DO UPDATE"
@@ -307,7 +310,12 @@ class PostgresStore:
                         " VALUES (%s, %s, %s, %s, %s)",
                         (item.channel, item.dedup_key, payload, moment, moment),
                     )
-                return [await _insert_intent(conn, i, body, moment) for i, body in changes]
+                ids = [await _insert_intent(conn, i, body, moment) for i, body in changes]
+                for intent_id in ids:
+                    await conn.execute(
+                        "UPDATE intents SET epoch = %s WHERE id = %s", (epoch, intent_id)
+                    )
+                return ids
 
         return await self._run(work)
 
