@@ -117,6 +117,8 @@ class Actuator:
             result = await self._client.deploy(
                 intent.script, versions, intent.body["message"], rollback=intent.kind == "rollback"
             )
+            if self._fence is not None:  # lost meanwhile (paused?): the new holder verifies
+                await self._fence(intent.script)
             check = await self._client.current(intent.script)
             if check is None or not check.matches(versions):
                 got = check.versions if check else "nothing"
