@@ -10,6 +10,8 @@ its scripts over at once.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -126,7 +128,8 @@ async def test_each_script_has_one_holder_and_the_rollout_advances_once(tmp_path
 
 
 async def test_a_command_sent_to_any_replica_is_applied_by_the_holder(tmp_path: Path) -> None:
-    """`pause` posted to a replica that does not hold the script is forwarded and answered."""
+    """`pause` posted to a replica that does not hold the script is forwarded and answered;
+    `coalmine status` against any replica shows who holds what."""
     async with replicas(tmp_path) as (_, running):
         await until(lambda: len(holders(running, "api")) == 1)
         other = next(r for r in running if not r.holds("api"))
@@ -146,6 +149,24 @@ async def test_a_command_sent_to_any_replica_is_applied_by_the_holder(tmp_path: 
                 return bool(body["phase"] == "paused" and body["lease"]["holder"] == holder.name)
 
             await until(shown_paused_with_its_holder)
+        status = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "coalmine",
+                    "status",
+                    "--url",
+                    f"http://127.0.0.1:{other.port}",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        )
+        header, api_row = status.stdout.splitlines()[:2]
+        assert header.split()[-1] == "HOLDER", status.stdout + status.stderr
+        assert api_row.split()[-1] == f"{holder.name}@{holder.daemon.leases.fence('api').epoch}"  # type: ignore[union-attr]
 
 
 async def test_a_stopping_replica_hands_its_scripts_over_at_once(tmp_path: Path) -> None:
