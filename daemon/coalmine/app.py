@@ -28,7 +28,7 @@ from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
-from coalmine.errors import ConfigError, StoreError
+from coalmine.errors import CoalmineError, ConfigError, StoreError
 from coalmine.notify.outbox import Outbox, Receivers
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policies
@@ -179,7 +179,8 @@ class Daemon:
             task_status.started(bound)
 
     async def keep_leases(self) -> None:
-        """Keep this replica's leases; give them back on a clean stop."""
+        """Keep this replica's leases (given back when the daemon closes, after the loops'
+        last writes)."""
         keeper = self.leases
         assert keeper is not None
         keeper.on_round = self._after_lease_round
@@ -188,11 +189,7 @@ class Daemon:
             self.health.store_ok = ok
 
         keeper.on_store = store_ok
-        try:
-            await keeper.run()
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await keeper.step_down()
+        await keeper.run()
 
     async def _after_lease_round(self, acquired: set[str], lost: set[str]) -> None:
         """Wake the loops of scripts just taken; show the holders' state for the others."""
@@ -204,6 +201,7 @@ class Daemon:
         for script, loop in self.loops.items():
             if keeper.fence(script) is None and script in saved:
                 loop.state = RolloutState.from_json(saved[script])
+                self.metrics.record(loop.state, loop.engine.rules, [])  # as the holder sees it
 
     async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""
@@ -290,6 +288,8 @@ async def open_daemon(
 
         outbox = Outbox(store, http, receivers, clock, on_result=delivered)
         keeper = _keeper(settings, store, policies, metrics, replicas)
+        if keeper is not None:  # on the way out, after the loops' last writes
+            stack.push_async_callback(_step_down, keeper)
         actuator = Actuator(cloudflare, store, clock, fence=keeper.check if keeper else None)
         shared = Shared(
             store,
@@ -316,6 +316,15 @@ async def open_daemon(
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
         api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
         yield Daemon(settings, store, shared, loops, api, outbox, metrics, health, keeper)
+
+
+async def _step_down(keeper: LeaseKeeper) -> None:
+    """Give the leases back so that another replica takes over at once, not a TTL later."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        try:
+            await keeper.step_down()
+        except CoalmineError as exc:
+            log.warning("leases not given back; they expire instead", error=str(exc))
 
 
 def _keeper(

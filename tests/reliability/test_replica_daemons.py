@@ -46,7 +46,13 @@ class Replica:
     name: str
     daemon: Daemon
     port: int
+    closing: AsyncExitStack
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+    async def stop(self) -> None:
+        """Stop as SIGTERM stops `coalmine run`: end the loops, then close the daemon."""
+        self.scope.cancel()
+        await self.closing.aclose()
 
     def holds(self, script: str) -> bool:
         """Whether this replica may act on ``script`` now."""
@@ -81,10 +87,11 @@ async def replicas(
                     "COALMINE_REPLICA_ID": name,
                 }
             )
-            daemon = await stack.enter_async_context(
+            closing = await stack.enter_async_context(AsyncExitStack())
+            daemon = await closing.enter_async_context(
                 open_daemon(settings, prepare(settings), replicas=True)
             )
-            replica = Replica(name, daemon, 0)
+            replica = Replica(name, daemon, 0, closing)
 
             async def serve(replica: Replica, *, task_status: Any) -> None:
                 with replica.scope:
@@ -175,9 +182,12 @@ async def test_a_stopping_replica_hands_its_scripts_over_at_once(tmp_path: Path)
         await until(lambda: len(holders(running, "api")) == 1)
         first = next(r for r in running if r.holds("api"))
         epoch = first.daemon.leases.fence("api").epoch  # type: ignore[union-attr]
-        first.scope.cancel()
+        await first.stop()
         other = next(r for r in running if r is not first)
-        await until(lambda: other.holds("api"), seconds=10)
+        assert other.daemon.leases is not None
+        row = {r.name: r for r in await other.daemon.leases.store.leases()}["api"]
+        assert row.holder == other.name or row.expires_in <= 0, "given back, not left to expire"
+        await until(lambda: other.holds("api"))
         taken = other.daemon.leases.fence("api")  # type: ignore[union-attr]
         assert taken is not None and taken.epoch == epoch + 1
         await until(lambda: len(sim.deployment_posts("api")) == 1)
