@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from coalmine.errors import ConfigError
 from coalmine.replicas import Holdings, LeaseKeeper
 from coalmine.store.leases import OUTBOX, Fence, LeaseLost, exclusive_file
-from coalmine.store.records import NewIntent
+from coalmine.store.records import NewEntry, NewIntent
 from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
 
 pytestmark = pytest.mark.anyio
@@ -227,3 +227,19 @@ def test_a_second_process_on_one_sqlite_file_is_refused(tmp_path: Path) -> None:
         pass
     with exclusive_file(path):  # released with the first
         pass
+
+
+def test_a_replica_finishes_an_intent_once(replicas: Callable[[], SqliteStore]) -> None:
+    """A stale holder finishing an intent its successor already finished journals nothing."""
+    a, b = replicas(), replicas()
+    a.acquire("A", ["api"], 60, 1)
+    a.fence = {"api": Fence("A", 1)}
+    b.fence = {}
+    (intent_id,) = a.commit(
+        "api", {}, now=NOW, intents=[NewIntent("api", "set_traffic", {"versions": []})]
+    )
+    entry = NewEntry(NOW, "api", "coalmine", "applied", {"intent": intent_id})
+    b.finish_intent(intent_id, {"outcome": "already live"}, NOW, entry)
+    a.finish_intent(intent_id, {"outcome": "applied"}, NOW, entry)
+    assert [e.action for e in b.journal()] == ["applied"]
+    assert b.verify_journal().ok

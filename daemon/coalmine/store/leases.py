@@ -162,6 +162,11 @@ class SqliteLeaseOps:
     _db: sqlite3.Connection
     fence: Mapping[str, Fence] | None = None  # set on a replica: the leases its writes need
 
+    @property
+    def once(self) -> str:
+        """Replicas finish an intent once: the holder that took over may have finished it."""
+        return " AND finished_at IS NULL" if self.fence is not None else ""
+
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         raise NotImplementedError
 

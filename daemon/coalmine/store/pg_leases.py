@@ -58,6 +58,11 @@ class PostgresLeaseOps:
 
     fence: Mapping[str, Fence] | None = None  # set on a replica: the leases its writes need
 
+    @property
+    def once(self) -> str:
+        """Replicas finish an intent once: the holder that took over may have finished it."""
+        return " AND finished_at IS NULL" if self.fence is not None else ""
+
     async def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         raise NotImplementedError
 

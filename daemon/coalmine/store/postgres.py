@@ -367,11 +367,12 @@ class PostgresStore(PostgresLeaseOps):
 
         async def work(conn: Connection) -> None:
             async with conn.transaction():
-                await conn.execute(
-                    "UPDATE intents SET finished_at = %s, result = %s WHERE id = %s",
+                cursor = await conn.execute(
+                    "UPDATE intents SET finished_at = %s, result = %s WHERE id = %s" + self.once,
                     (now, text, intent_id),
                 )
-                await _append(conn, journal, _ts(now))
+                if cursor.rowcount:  # replicas: a stale holder's late finish journals nothing
+                    await _append(conn, journal, _ts(now))
 
         await self._run(work)
 

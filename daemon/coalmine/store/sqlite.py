@@ -272,11 +272,12 @@ class SqliteStore(SqliteLeaseOps):
         recorded = _ts(now)
         with self._transaction() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute(
-                "UPDATE intents SET finished_at = ?, result = ? WHERE id = ?",
+            cursor = db.execute(
+                "UPDATE intents SET finished_at = ?, result = ? WHERE id = ?" + self.once,
                 (recorded, canonical(result), intent_id),
             )
-            self._append(db, [entry] if entry else [], recorded)
+            if cursor.rowcount:  # replicas: a stale holder's late finish journals nothing
+                self._append(db, [entry] if entry else [], recorded)
             db.execute("COMMIT")
 
     def open_intents(self) -> list[Intent]:
