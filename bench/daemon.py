@@ -565,6 +565,7 @@ class Footprint:
     log_lines: int = 0
     core: int | None = None
     cpu_slices: list[float] = field(default_factory=list)
+    server_cpu_seconds: float = 0.0  # a database server's CPU over the same window (PostgreSQL)
 
     @property
     def cpu_share(self) -> float:
@@ -587,8 +588,17 @@ async def get_text(http: httpx.AsyncClient, url: str) -> str:
     return response.text
 
 
-async def footprint(scripts: int, seconds: float, limiter: str, seed: int) -> Footprint:
-    """One measured run of ``coalmine run`` watching ``scripts`` canaries every second."""
+async def footprint(
+    scripts: int,
+    seconds: float,
+    limiter: str,
+    seed: int,
+    state_url: str | None = None,
+    server_cpu: Callable[[], float] | None = None,
+) -> Footprint:
+    """One measured run of ``coalmine run`` watching ``scripts`` canaries every second, on a
+    SQLite file of its own or on ``state_url``; ``server_cpu`` (CPU seconds so far of a
+    database server) is sampled over the same window as the daemon."""
     sim = Simulator(seed=seed, rate_limits=RateLimits(requests=None, graphql=None))
     sim.slack.limiter.limit = None
     sim.pagerduty.limiter.limit = None
@@ -607,7 +617,7 @@ async def footprint(scripts: int, seconds: float, limiter: str, seed: int) -> Fo
                 **{k: v for k, v in os.environ.items() if not k.startswith("COALMINE_")},
                 **sim.environment(),
                 "COALMINE_POLICIES": str(folder / "policy.yaml"),
-                "COALMINE_STATE_URL": f"sqlite:///{folder / 'state.db'}",
+                "COALMINE_STATE_URL": state_url or f"sqlite:///{folder / 'state.db'}",
                 "COALMINE_LISTEN": listen,
                 "COALMINE_CLOUDFLARE_RATE_LIMIT": "1200",
             }
@@ -622,7 +632,9 @@ async def footprint(scripts: int, seconds: float, limiter: str, seed: int) -> Fo
                 )
             try:
                 with pinned_apart(process.pid) as core:
-                    result = await measure(process, sim, names, listen, seconds, limiter)
+                    result = await measure(
+                        process, sim, names, listen, seconds, limiter, server_cpu
+                    )
                     result.core = core
             finally:
                 process.send_signal(signal.SIGTERM)
@@ -641,6 +653,7 @@ async def measure(
     listen: str,
     seconds: float,
     limiter: str,
+    server_cpu: Callable[[], float] | None = None,
 ) -> Footprint:
     base = f"http://{listen}"
     started = time.monotonic()
@@ -664,6 +677,7 @@ async def measure(
         before_metrics = await get_text(http, f"{base}/metrics")
         scraped = time.monotonic()
         before = proc_sample(process.pid)
+        server_before = server_cpu() if server_cpu else 0.0
         sim_before = time.process_time()
         logged = len(sim.cloudflare.requests)
         t0 = time.monotonic()
@@ -678,6 +692,7 @@ async def measure(
                 slices.append((sample.cpu_seconds - mark_cpu) / (now - mark))
                 mark, mark_cpu = now, sample.cpu_seconds
         after = proc_sample(process.pid)
+        server_after = server_cpu() if server_cpu else 0.0
         sim_after = time.process_time()
         wall = time.monotonic() - t0
         window = sim.cloudflare.requests[logged:]
@@ -713,6 +728,7 @@ async def measure(
         adopted=count,
         adopt_seconds=adopt_seconds,
         cpu_slices=slices,
+        server_cpu_seconds=server_after - server_before,
     )
 
 

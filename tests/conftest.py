@@ -11,7 +11,7 @@ from coalmine.engine import Engine, Options
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policy
 
-from .integration.postgres import RunningPostgres, running_postgres
+from .integration.postgres import RunningPostgres, postgres_for_tests
 from .stores import BACKENDS, Backend
 from .support import ROOT
 
@@ -50,7 +50,7 @@ def anyio_backend() -> str:
 def postgres_server() -> Iterator[RunningPostgres]:
     """One real PostgreSQL for the whole session (skipped without Debian's package, failed
     when COALMINE_REQUIRE_POSTGRES=1)."""
-    with running_postgres() as server:
+    with postgres_for_tests() as server:
         yield server
 
 

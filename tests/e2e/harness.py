@@ -22,6 +22,7 @@ from coalmine.engine import Decision, RolloutPhase
 from coalmine.server.httpserver import serve
 from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, Simulator, VirtualClock
+from coalmine.store import StateStore
 from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
 
 START = datetime(2026, 3, 3, 18, 0, tzinfo=UTC)  # Tuesday 10:00 in Los Angeles
@@ -67,8 +68,13 @@ class Harness:
     decisions: list[Decision]
 
     @property
+    def store(self) -> StateStore:
+        """The daemon's state store, whichever backend (``COALMINE_STATE_URL`` in ``env``)."""
+        return self.daemon.store
+
+    @property
     def db(self) -> SqliteStore:
-        """The daemon's database, for synchronous checks between ticks."""
+        """The daemon's SQLite database, for synchronous checks between ticks."""
         store = self.daemon.store
         assert isinstance(store, ThreadedSqlite)
         return store.sync
@@ -145,8 +151,12 @@ async def harness(
             }
         )
         policies = prepare(settings)
-        async with open_daemon(
-            settings, policies, clock=clock, sleep=lambda s: virtual_sleep(clock, s)
+        async with open_daemon(  # ticks driven here, one daemon: no leases, even on PostgreSQL
+            settings,
+            policies,
+            clock=clock,
+            sleep=lambda s: virtual_sleep(clock, s),
+            replicas=False,
         ) as daemon:
             if start_canary:
                 sim.start_canary("api", canary_id, percent=10)

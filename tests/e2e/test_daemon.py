@@ -11,6 +11,7 @@ import pytest
 from coalmine.engine import RolloutPhase
 from coalmine.simulator import Behaviour
 from tests.e2e.harness import Harness, harness
+from tests.stores import Backend
 
 pytestmark = pytest.mark.anyio
 P = RolloutPhase
@@ -21,9 +22,12 @@ def promoted_or_done(h: Harness) -> bool:
     return h.phase is P.IDLE and h.loop.state.stable == h.canary
 
 
-async def test_healthy_canary_is_promoted_with_exact_deployment_calls(tmp_path: Path) -> None:
-    """A healthy canary goes 10 -> 50 -> 100 through exactly these deployment POSTs."""
-    async with harness(tmp_path) as h:
+async def test_healthy_canary_is_promoted_with_exact_deployment_calls(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """A healthy canary goes 10 -> 50 -> 100 through exactly these deployment POSTs (on each
+    state store: SQLite, PostgreSQL)."""
+    async with harness(tmp_path, env={"COALMINE_STATE_URL": backend.url}) as h:
         await h.run_until(promoted_or_done, timedelta(hours=1))
         posts = h.sim.deployment_posts("api")
         assert posts == [
@@ -42,14 +46,20 @@ async def test_healthy_canary_is_promoted_with_exact_deployment_calls(tmp_path: 
             },
         ]
         assert h.actions() == ["start", "set_traffic", "promote", "complete"]
-        assert h.db.verify_journal().ok
-        assert h.db.backlog() == 0
+        verification = await h.store.verify_journal()
+        assert verification.ok and verification.entries == len(await h.store.journal())
+        assert [e.action for e in await h.store.journal() if e.action != "applied"] == h.actions()
+        assert await h.store.backlog() == 0
+        assert await h.store.open_intents() == []
         assert [a["tags"] for a in h.sim.annotations] == [["coalmine", "api", "promoted"]]
 
 
-async def test_faulty_canary_is_rolled_back_within_for_plus_one_interval(tmp_path: Path) -> None:
-    """Exceptions at 20% from the 50% step: rolled back within `for` + one interval of showing."""
-    async with harness(tmp_path) as h:
+async def test_faulty_canary_is_rolled_back_within_for_plus_one_interval(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Exceptions at 20% from the 50% step: rolled back within `for` + one interval of showing
+    (on each state store: SQLite, PostgreSQL)."""
+    async with harness(tmp_path, env={"COALMINE_STATE_URL": backend.url}) as h:
         await h.run_until(lambda h: h.loop.state.canary_percent == 50, timedelta(minutes=20))
         fault_at = h.clock()
         h.sim.schedule_fault("api", h.canary, start=fault_at, exception_rate=0.2)
@@ -65,6 +75,7 @@ async def test_faulty_canary_is_rolled_back_within_for_plus_one_interval(tmp_pat
         pages = [p for p in h.sim.pages if p.get("event_action") == "trigger"]
         assert pages and pages[0]["payload"]["severity"] == "critical"  # type: ignore[index]
         assert pages[0]["dedup_key"] == f"coalmine/api/{h.canary}/exceptions"
+        assert (await h.store.verify_journal()).ok
 
 
 async def test_auto_rollback_off_pages_and_holds(tmp_path: Path) -> None:
@@ -128,12 +139,15 @@ async def test_rollback_after_429_is_applied_after_retry_after(tmp_path: Path) -
         assert statuses[-2:] == [429, 200]
 
 
-async def test_intent_left_open_by_a_crash_is_applied_once_on_restart(tmp_path: Path) -> None:
-    """Cloudflare refuses the 50% call until the daemon stops; a new daemon applies it once."""
-    async with harness(tmp_path) as h:
+async def test_intent_left_open_by_a_crash_is_applied_once_on_restart(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Cloudflare refuses the 50% call until the daemon stops; a new daemon applies it once
+    (on each state store: SQLite, PostgreSQL)."""
+    async with harness(tmp_path, env={"COALMINE_STATE_URL": backend.url}) as h:
         h.sim.cloudflare.inject(method="POST", path="*/deployments", status=503, times=None)
         await h.run_until(lambda h: h.loop.state.canary_percent == 50, timedelta(minutes=20))
-        assert len(h.db.open_intents()) == 1  # decided and recorded, not applied
+        assert len(await h.store.open_intents()) == 1  # decided and recorded, not applied
         h.sim.cloudflare.faults.clear()
         # "restart": a second daemon on the same state database reconciles before anything else
         from coalmine.app import open_daemon, prepare
@@ -143,14 +157,14 @@ async def test_intent_left_open_by_a_crash_is_applied_once_on_restart(tmp_path: 
             outcomes = await again.shared.actuator.reconcile("api")
             assert [type(o).__name__ for _, o in outcomes] == ["Applied"]
             assert again.loops["api"].state.canary_percent == 50
-            assert again.store.sync.open_intents() == []
+            assert await again.store.open_intents() == []
         ok_posts = [
             r
             for r in h.sim.cloudflare.requests
             if r.method == "POST" and r.path.endswith("/deployments") and r.status == 200
         ]
         assert len(ok_posts) == 1
-        assert h.db.verify_journal().ok
+        assert (await h.store.verify_journal()).ok
 
 
 async def test_intent_already_live_after_a_crash_is_not_repeated(tmp_path: Path) -> None:

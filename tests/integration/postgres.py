@@ -7,7 +7,8 @@ Loopback connections need a password (SCRAM), as a production server would; each
 database of its own from :meth:`RunningPostgres.new_database`.
 
 Without Debian's package the tests that need it skip, or fail when
-``COALMINE_REQUIRE_POSTGRES=1`` (CI sets it).
+``COALMINE_REQUIRE_POSTGRES=1`` (CI sets it). :func:`running_postgres` itself does not need
+pytest: the benchmarks (bench/store.py) start their server with it too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,18 +34,20 @@ USER = "coalmine"
 PASSWORD = "pg-test-password-7f3a"  # a test-only secret: tests check it never leaks
 
 
-def bin_dir() -> Path:
-    """The newest /usr/lib/postgresql/*/bin with initdb, or skip (fail when required)."""
+MISSING = "Debian's postgresql package is not installed (make test installs it when it can)"
+
+
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL server can be started here."""
+
+
+def find_bin_dir() -> Path | None:
+    """The newest /usr/lib/postgresql/*/bin with initdb, if any."""
     found = sorted(
         (Path(p).parent for p in glob.glob("/usr/lib/postgresql/*/bin/initdb")),
         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
     )
-    if found:
-        return found[-1]
-    message = "Debian's postgresql package is not installed (make test installs it when it can)"
-    if os.environ.get("COALMINE_REQUIRE_POSTGRES") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    return found[-1] if found else None
 
 
 @dataclass
@@ -85,7 +88,9 @@ def _runner() -> tuple[list[str], int | None, int | None]:
     try:
         user = pwd.getpwnam("postgres")
     except KeyError:
-        pytest.fail("running as root and there is no postgres user to run PostgreSQL as")
+        raise PostgresUnavailable(
+            "running as root and there is no postgres user to run PostgreSQL as"
+        ) from None
     return ["runuser", "-u", "postgres", "--"], user.pw_uid, user.pw_gid
 
 
@@ -96,7 +101,9 @@ def running_postgres(*, durable: bool = False) -> Iterator[RunningPostgres]:
     ``durable=False`` (the tests) turns off fsync: the tests kill coalmine, not PostgreSQL.
     The benchmarks ask for ``durable=True``, PostgreSQL's defaults.
     """
-    binaries = bin_dir()
+    binaries = find_bin_dir()
+    if binaries is None:
+        raise PostgresUnavailable(MISSING)
     runner, uid, gid = _runner()
     root = Path(tempfile.mkdtemp(prefix="coalmine-pg-"))
     data = root / "data"
@@ -155,7 +162,9 @@ def running_postgres(*, durable: bool = False) -> Iterator[RunningPostgres]:
         )
         if started.returncode != 0:
             log = (root / "server.log").read_text(errors="replace")[-2000:]
-            pytest.fail(f"PostgreSQL did not start: {started.stdout}{started.stderr}\n{log}")
+            raise PostgresUnavailable(
+                f"PostgreSQL did not start: {started.stdout}{started.stderr}\n{log}"
+            )
         server = RunningPostgres(port, data, runner, binaries)
         try:
             yield server
@@ -163,3 +172,17 @@ def running_postgres(*, durable: bool = False) -> Iterator[RunningPostgres]:
             server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def postgres_for_tests() -> Iterator[RunningPostgres]:
+    """:func:`running_postgres` for a test session: skipped without the package, or failed
+    when ``COALMINE_REQUIRE_POSTGRES=1``."""
+    with ExitStack() as stack:
+        try:
+            server = stack.enter_context(running_postgres())
+        except PostgresUnavailable as exc:
+            if os.environ.get("COALMINE_REQUIRE_POSTGRES") == "1":
+                pytest.fail(str(exc))
+            pytest.skip(str(exc))
+        yield server

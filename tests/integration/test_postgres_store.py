@@ -114,22 +114,49 @@ async def test_password_never_shows_in_location_or_errors(
         assert PASSWORD not in str(caught.value) and PASSWORD not in bad.location
 
 
-async def test_connections_the_server_closed_are_replaced_before_use(
+def drop_connections(server: RunningPostgres, url: str) -> None:
+    """Have the server end every connection to ``url``'s database (a restart, a failover)."""
+    dbname = url.rsplit("/", 1)[1]
+    Backend("postgres", server.url()).execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        f" WHERE datname = '{dbname}' AND pid <> pg_backend_pid()"
+    )
+
+
+async def test_idle_connections_the_server_closed_are_replaced_before_use(
     postgres_server: RunningPostgres, postgres_url: str
 ) -> None:
-    """After the server dropped every pooled connection (a restart, a failover), the next
-    calls work on fresh connections: no tick fails for a dead one."""
-    store = open_store(postgres_url)
+    """After the server dropped the pooled connections, a connection idle past
+    check_after_idle is checked and replaced: the next calls work."""
+    store = PostgresStore(postgres_url)
+    store.check_after_idle = 0.0  # every connection counts as idle
     try:
         await store.commit("api", {"n": 1})
-        dbname = postgres_url.rsplit("/", 1)[1]
-        Backend("postgres", postgres_server.url()).execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            f" WHERE datname = '{dbname}' AND pid <> pg_backend_pid()"
-        )
+        drop_connections(postgres_server, postgres_url)
         await store.commit("api", {"n": 2})
-        await store.commit("api", {"n": 3})
-        assert await store.states() == {"api": {"n": 3}}
+        assert await store.states() == {"api": {"n": 2}}
+    finally:
+        await store.aclose()
+
+
+async def test_busy_connections_the_server_closed_fail_one_call_each_then_recover(
+    postgres_server: RunningPostgres, postgres_url: str
+) -> None:
+    """A connection used moments ago is trusted; if the server dropped it, that call is a
+    StoreError (never a psycopg error), the connection is discarded, and calls work again."""
+    store = PostgresStore(postgres_url)
+    try:
+        await store.commit("api", {"n": 1})
+        drop_connections(postgres_server, postgres_url)
+        failures = 0
+        for n in range(2, 20):
+            try:
+                await store.commit("api", {"n": n})
+                break
+            except StoreError:
+                failures += 1
+        assert failures <= 16  # at most one per pooled connection
+        assert (await store.states())["api"]["n"] == n
     finally:
         await store.aclose()
 
@@ -141,7 +168,7 @@ def test_journal_commands_refuse_a_database_without_coalmine(
     no tables there."""
     assert main(["journal", "verify", "--state", postgres_url]) == 1
     err = capsys.readouterr().err
-    assert "no coalmine state in the database" in err and PASSWORD not in err
+    assert "no coalmine state in this database" in err and PASSWORD not in err
     assert Backend("postgres", postgres_url).rows("SELECT to_regclass('journal')") == [(None,)]
 
 
@@ -150,12 +177,11 @@ def test_servers_off_loopback_are_reached_over_verified_tls() -> None:
     explicit sslmode and loopback URLs are left as they are."""
     remote = connection_string("postgresql://c:pw@db.example.com:5432/c")
     assert "sslmode=verify-full" in remote and "sslrootcert=system" in remote
-    explicit = "postgresql://c:pw@db.example.com/c?sslmode=require"
+    explicit = "postgresql://c:pw@db.example.com/c?sslmode=require&connect_timeout=9"
     assert connection_string(explicit) == explicit
-    assert connection_string("postgresql://c@127.0.0.1/c") == "postgresql://c@127.0.0.1/c"
-    assert connection_string("postgresql:///c?host=/run/postgresql") == (
-        "postgresql:///c?host=/run/postgresql"
-    )
+    for local in ("postgresql://c@127.0.0.1/c", "postgresql:///c?host=/run/postgresql"):
+        assert "sslmode" not in connection_string(local)
+        assert "connect_timeout=5" in connection_string(local)
 
 
 async def test_operations_started_finish_when_their_caller_is_cancelled(postgres_url: str) -> None:
@@ -170,3 +196,29 @@ async def test_operations_started_finish_when_their_caller_is_cancelled(postgres
         assert (await store.verify_journal()).entries == 1
     finally:
         await store.aclose()
+
+
+async def test_identity_is_made_once_and_a_new_database_has_another(
+    postgres_server: RunningPostgres,
+) -> None:
+    """The store's id and creation time are made by the first migration and read back the same
+    by every later open; a new database gets a new id; a dropped schema is a StoreError."""
+    url = postgres_server.new_database()
+    first = PostgresStore(url)
+    try:
+        made = await first.identity()
+    finally:
+        await first.aclose()
+    again = PostgresStore(url)
+    try:
+        assert await again.identity() == made
+        other = PostgresStore(postgres_server.new_database())
+        try:
+            assert (await other.identity()).id != made.id
+        finally:
+            await other.aclose()
+        Backend("postgres", url).execute("DROP TABLE meta")
+        with pytest.raises(StoreError, match="identity"):
+            await again.identity()
+    finally:
+        await again.aclose()

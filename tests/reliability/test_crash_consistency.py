@@ -11,6 +11,9 @@ missing), every intent finished with one journal entry, a journal whose hash cha
 each page decided once and delivered under its dedup key as one PagerDuty alert. Delivery is at
 least once: a kill after PagerDuty accepted a page and before the outbox recorded it sends that
 page again (PagerDuty deduplicates it by key); any other kill must not.
+
+Each test runs on both state stores (the ``backend`` fixture): a SQLite file, and a database
+on a real PostgreSQL.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -36,8 +38,10 @@ import pytest
 from coalmine.cli import localprom
 from coalmine.simulator import Injection, Service, Simulator
 from coalmine.simulator.service import Action
-from coalmine.store.sqlite import SqliteStore as Store
+from coalmine.store.journal import verify_entries
+from coalmine.store.records import JournalEntry
 from tests.integration.prometheus import binaries
+from tests.stores import Backend
 
 pytestmark = pytest.mark.anyio
 SEED = int(os.environ.get("CRASH_TEST_SEED") or random.SystemRandom().randrange(2**32))
@@ -104,12 +108,17 @@ class Crashes:
     """`coalmine run` against one simulator, started, SIGKILLed and restarted, kill by kill."""
 
     def __init__(
-        self, sim: Simulator, env: dict[str, str], tmp_path: Path, rng: random.Random
+        self,
+        sim: Simulator,
+        env: dict[str, str],
+        tmp_path: Path,
+        rng: random.Random,
+        backend: Backend,
     ) -> None:
         self.sim = sim
         self.env = env
         self.rng = rng
-        self.db = tmp_path / "state.db"
+        self.backend = backend
         self.log = tmp_path / "run.log"
         self.kills: list[Kill] = []
         self.process: subprocess.Popen[bytes] | None = None
@@ -121,18 +130,8 @@ class Crashes:
     # -- what the daemon left behind -----------------------------------------------------------
 
     def rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
-        """A query over the state database, read-only (empty before the daemon created it)."""
-        if not self.db.exists():
-            return []
-        db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5.0)
-        try:
-            return db.execute(sql, args).fetchall()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return []
-            raise
-        finally:
-            db.close()
+        """A query over the state database (empty before the daemon created it)."""
+        return self.backend.rows(sql, *args)
 
     def state(self) -> dict[str, Any]:
         """The rollout state the daemon last persisted."""
@@ -346,9 +345,14 @@ class Crashes:
         assert by_coalmine == deployments, f"deployments {made}{ctx}"
         posts = len(self.sim.deployment_posts(SCRIPT))
         assert posts == len(deployments) + self.hung_posts, f"{posts} POSTs{ctx}"
-        with Store(self.db) as store:
-            verification = store.verify_journal()
-            journal = list(store.journal())
+        journal = [
+            JournalEntry(seq, t, recorded, script, actor, action, json.loads(body), prev, digest)
+            for seq, t, recorded, script, actor, action, body, prev, digest in self.rows(
+                "SELECT seq, t, recorded_at, script, actor, action, body, prev_hash, hash"
+                " FROM journal ORDER BY seq"
+            )
+        ]
+        verification = verify_entries(journal)
         assert verification.ok, f"{verification.problem}{ctx}"
         traffic = [
             (e.action, e.body.get("canary_percent"), e.body.get("canary"))
@@ -385,7 +389,7 @@ async def answers(client: httpx.AsyncClient, url: str) -> bool:
 
 @asynccontextmanager
 async def simulated(
-    tmp_path: Path, policy: str, *, prometheus: bool
+    tmp_path: Path, policy: str, backend: Backend, *, prometheus: bool
 ) -> AsyncIterator[tuple[Simulator, dict[str, str]]]:
     """A wall-clock simulator (scraped by a real Prometheus if asked) and coalmine's env."""
     if prometheus:
@@ -400,9 +404,11 @@ async def simulated(
                 **{k: v for k, v in os.environ.items() if not k.startswith("COALMINE_")},
                 **sim.environment(),
                 "COALMINE_POLICIES": str(tmp_path / "policy.yaml"),
-                "COALMINE_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+                "COALMINE_STATE_URL": backend.url,
                 "COALMINE_LISTEN": f"127.0.0.1:{localprom.free_port()}",
                 "COALMINE_DISCOVERY_INTERVAL": "1s",
+                # on PostgreSQL each restart is the same replica: it takes its lease back at once
+                "COALMINE_REPLICA_ID": "crash-test",
             }
             if prometheus:
                 env["COALMINE_PROMETHEUS_URL"] = stack.enter_context(
@@ -412,16 +418,16 @@ async def simulated(
 
 
 async def test_sigkill_anywhere_in_a_promoted_canary_ends_promoted_with_each_call_once(
-    tmp_path: Path,
+    tmp_path: Path, backend: Backend
 ) -> None:
     """Killed during holds and watch, with each step's call unsent (at a tick, and at the
     restart's reconciliation) and then applied but unanswered, restarted each time: promoted,
     each deployment call made exactly once, no page."""
-    async with simulated(tmp_path, PROMOTE_POLICY, prometheus=False) as (sim, env):
+    async with simulated(tmp_path, PROMOTE_POLICY, backend, prometheus=False) as (sim, env):
         stable = sim.cloudflare.current(SCRIPT).versions[0][0]
         canary = sim.upload_version(SCRIPT)
         sim.start_canary(SCRIPT, canary, percent=10)
-        crashes = Crashes(sim, env, tmp_path, random.Random(f"{SEED}/promote"))
+        crashes = Crashes(sim, env, tmp_path, random.Random(f"{SEED}/promote"), backend)
         half, promoted = split([(canary, 50), (stable, 50)]), [(canary, 100.0)]
 
         def taken(injection: Injection, target: Split | None = None) -> Callable[[], bool]:
@@ -476,14 +482,14 @@ TRIPS = (CALL_HELD, ANSWER_HELD, PAGE_HELD, JUST_AFTER, PAGE_ACCEPTED)
 
 
 async def test_sigkill_around_rollback_trips_rolls_back_once_and_pages_once_per_key(
-    tmp_path: Path,
+    tmp_path: Path, backend: Backend
 ) -> None:
     """Five faulty canaries, each killed during its hold, at its trip (the call unsent, sent but
     unjournaled, the page held, the page accepted but unanswered, or at random just after) and
     after it: each rolled back by one call, one page per canary's dedup key."""
-    async with simulated(tmp_path, ROLLBACK_POLICY, prometheus=True) as (sim, env):
+    async with simulated(tmp_path, ROLLBACK_POLICY, backend, prometheus=True) as (sim, env):
         stable = sim.cloudflare.current(SCRIPT).versions[0][0]
-        crashes = Crashes(sim, env, tmp_path, random.Random(f"{SEED}/rollback"))
+        crashes = Crashes(sim, env, tmp_path, random.Random(f"{SEED}/rollback"), backend)
         canaries: list[str] = []
         rolled_back = [(stable, 100.0)]
         try:

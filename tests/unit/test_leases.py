@@ -243,3 +243,14 @@ def test_a_replica_finishes_an_intent_once(replicas: Callable[[], SqliteStore]) 
     a.finish_intent(intent_id, {"outcome": "applied"}, NOW, entry)
     assert [e.action for e in b.journal()] == ["applied"]
     assert b.verify_journal().ok
+
+
+def test_a_replica_restarted_under_its_id_takes_its_leases_back_at_once(
+    replicas: Callable[[], SqliteStore],
+) -> None:
+    """A pod's restarted container (same id) need not wait a TTL; it fences its old self."""
+    first, restarted, other = replicas(), replicas(), replicas()
+    first.acquire("pod-0", ["api"], 60, 1)
+    assert other.acquire("pod-1", ["api"], 60, 1) == {}
+    assert restarted.acquire("pod-0", ["api"], 60, 1) == {"api": 2}
+    assert not first.holds("api", Fence("pod-0", 1))

@@ -8,7 +8,8 @@ acts on it. The rules this module keeps:
   ``now`` (``clock_timestamp()`` in PostgreSQL, ``julianday('now')`` in SQLite), never with
   a replica's clock, so a replica whose clock is wrong cannot extend or steal a lease.
 - **Takeover bumps the epoch.** A lease is acquired only when it has expired (or was never
-  taken); acquiring sets a new holder *and* ``epoch + 1``. Renewal keeps the epoch, and fails
+  taken, or was this replica id's: a process restarted under its id takes its leases back at
+  once); acquiring sets a new holder *and* ``epoch + 1``. Renewal keeps the epoch, and fails
   once the lease has expired: the holder must then acquire it again, under a new epoch.
 - **Fencing.** A store with a ``fence`` checks, in the transaction that records a tick, that
   the script's lease is still this replica's, at this epoch, unexpired; otherwise it raises
@@ -40,7 +41,7 @@ from coalmine.store.base import StateStore
 from coalmine.store.journal import canonical
 
 OUTBOX = "*outbox"
-HEARTBEATS_KEPT = 3600.0  # seconds a dead replica's heartbeat row stays, for the record
+HEARTBEATS_KEPT = 3600.0  # seconds a dead replica's heartbeat (and a command) stays, for the record
 
 LEASE_MIGRATION = """
     CREATE TABLE leases (
@@ -197,6 +198,7 @@ class SqliteLeaseOps:
                 (replica, ttl),
             )
             db.execute(f"DELETE FROM replicas WHERE expires_at < {_NOW} - ?", (HEARTBEATS_KEPT,))
+            db.execute(f"DELETE FROM commands WHERE created_at < {_NOW} - ?", (HEARTBEATS_KEPT,))
             rows = db.execute(
                 f"SELECT id FROM replicas WHERE expires_at > {_NOW} ORDER BY id"
             ).fetchall()
@@ -233,6 +235,8 @@ class SqliteLeaseOps:
                     " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
                     " epoch = leases.epoch + 1, expires_at = excluded.expires_at,"
                     f" acquired_at = excluded.acquired_at WHERE leases.expires_at <= {_NOW}"
+                    # a replica restarted under its id (a pod's container) takes its own back
+                    " OR leases.holder = excluded.holder"
                     " RETURNING epoch",
                     (name, replica, ttl),
                 ).fetchone()

@@ -100,6 +100,10 @@ class PostgresLeaseOps:
                     f"DELETE FROM replicas WHERE expires_at < {_NOW} - make_interval(secs => %s)",
                     (HEARTBEATS_KEPT,),
                 )
+                await conn.execute(
+                    f"DELETE FROM commands WHERE created_at < {_NOW} - make_interval(secs => %s)",
+                    (HEARTBEATS_KEPT,),
+                )
                 cursor = await conn.execute(
                     f"SELECT id FROM replicas WHERE expires_at > {_NOW} ORDER BY id"
                 )
@@ -138,6 +142,8 @@ class PostgresLeaseOps:
                     " ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,"
                     " epoch = leases.epoch + 1, expires_at = excluded.expires_at,"
                     f" acquired_at = excluded.acquired_at WHERE leases.expires_at <= {_NOW}"
+                    # a replica restarted under its id (a pod's container) takes its own back
+                    " OR leases.holder = excluded.holder"
                     " RETURNING epoch",
                     (name, replica, ttl),
                 )

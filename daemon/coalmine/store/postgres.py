@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -42,13 +44,17 @@ from coalmine.store.records import (
     NewIntent,
     NewNotification,
     OutboxItem,
+    StoreIdentity,
     Verification,
 )
 from coalmine.store.urls import is_postgres_url, redact, scrub
 
 CONNECT_TIMEOUT = 5  # seconds to open one connection
 OPERATION_TIMEOUT = 15.0  # seconds for one store call, waiting for a connection included
-POOL_SIZE = (1, 4)
+POOL_SIZE = (2, 16)
+# a pooled connection idle this long is checked (one round trip) before it is handed out;
+# one used more recently is trusted, so that a busy daemon pays nothing for the check
+CHECK_AFTER_IDLE = 2.0
 # pg_advisory_xact_lock key serialising migrations: "coalmine" in ASCII
 MIGRATION_LOCK = 0x636F616C6D696E65
 LOOPBACK = frozenset({"", "localhost", "127.0.0.1", "::1"})
@@ -124,19 +130,22 @@ Connection = psycopg.AsyncConnection[Any]
 
 
 def connection_string(url: str) -> str:
-    """libpq's connection string for ``url``: as given, except that a server off loopback is
-    reached over TLS with its certificate verified against the system's roots
-    (``sslmode=verify-full``, ``sslrootcert=system``) unless the URL or ``PGSSLMODE`` says
-    otherwise."""
+    """libpq's connection string for ``url``: as given, except that connecting gives up after
+    :data:`CONNECT_TIMEOUT` seconds and a server off loopback is reached over TLS with its
+    certificate verified against the system's roots (``sslmode=verify-full``,
+    ``sslrootcert=system``), unless the URL (or libpq's ``PGCONNECT_TIMEOUT``, ``PGSSLMODE``)
+    says otherwise."""
     params = conninfo_to_dict(url)
+    extra: dict[str, str] = {}
+    if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
+        extra["connect_timeout"] = str(CONNECT_TIMEOUT)
     hosts = str(params.get("host", "")).split(",")
     local = all(h in LOOPBACK or h.startswith("/") for h in hosts)
-    if local or "sslmode" in params or os.environ.get("PGSSLMODE"):
-        return url
-    extra = {"sslmode": "verify-full"}
-    if "sslrootcert" not in params and not os.environ.get("PGSSLROOTCERT"):
-        extra["sslrootcert"] = "system"
-    return make_conninfo(url, **extra)
+    if not (local or "sslmode" in params or os.environ.get("PGSSLMODE")):
+        extra["sslmode"] = "verify-full"
+        if "sslrootcert" not in params and not os.environ.get("PGSSLROOTCERT"):
+            extra["sslrootcert"] = "system"
+    return make_conninfo(url, **extra) if extra else url
 
 
 def _ts(t: datetime) -> str:
@@ -171,19 +180,21 @@ class PostgresStore(PostgresLeaseOps):
             raise self._error(exc) from None
         self._pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self._conninfo,
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            kwargs={"autocommit": True},
             min_size=POOL_SIZE[0],
             max_size=POOL_SIZE[1],
             open=False,
             configure=_configure,
-            # one round trip per call buys this: after a failover or a restart of the server,
-            # dead pooled connections are replaced, never handed out to fail a tick each
-            check=AsyncConnectionPool.check_connection,
+            # after a failover or a restart of the server, dead pooled connections are
+            # replaced, not handed out to fail a tick each
+            check=self._check,
             timeout=OPERATION_TIMEOUT,
             name="coalmine-state",
         )
         self._ready = False
         self._opening = anyio.Lock()
+        self._used: weakref.WeakKeyDictionary[Connection, float] = weakref.WeakKeyDictionary()
+        self.check_after_idle = CHECK_AFTER_IDLE
 
     @property
     def location(self) -> str:
@@ -196,6 +207,11 @@ class PostgresStore(PostgresLeaseOps):
 
     # ---- connections -------------------------------------------------------------------------
 
+    async def _check(self, conn: Connection) -> None:
+        used = self._used.get(conn)
+        if used is None or time.monotonic() - used >= self.check_after_idle:
+            await AsyncConnectionPool.check_connection(conn)
+
     async def _run(self, work: Callable[[Connection], Awaitable[T]]) -> T:
         """Run ``work`` on a pooled connection: shielded from the caller's cancellation,
         bounded in time, psycopg errors translated."""
@@ -205,6 +221,7 @@ class PostgresStore(PostgresLeaseOps):
                     await self._open()
                     async with self._pool.connection() as conn:
                         result = await work(conn)
+                        self._used[conn] = time.monotonic()
             except psycopg.Error as exc:
                 raise self._error(exc) from None
             except TimeoutError:
@@ -219,9 +236,7 @@ class PostgresStore(PostgresLeaseOps):
         async with self._opening:
             if self._ready:
                 return
-            conn = await psycopg.AsyncConnection.connect(
-                self._conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT
-            )
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
             try:
                 await _configure(conn)
                 await self._migrate(conn)
@@ -236,7 +251,10 @@ class PostgresStore(PostgresLeaseOps):
             if not self._create:
                 cursor = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
                 if not (await cursor.fetchone() or (False,))[0]:
-                    raise StoreError(f"no coalmine state in the database {self._location}")
+                    raise StoreError(
+                        f"state database {self._location}: no coalmine state in this database"
+                        " (coalmine never ran on it)"
+                    )
                 return
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
             cursor = await conn.execute("SELECT version FROM schema_version")
@@ -253,6 +271,24 @@ class PostgresStore(PostgresLeaseOps):
             for number in range(version, len(MIGRATIONS)):
                 await conn.execute(MIGRATIONS[number].encode())
                 await conn.execute("UPDATE schema_version SET version = %s", (number + 1,))
+
+    async def identity(self) -> StoreIdentity:
+        """The identity of the store in the database now (the ``meta`` row made by the first
+        migration); a StoreError when it cannot be read there (the schema dropped, say)."""
+
+        async def read(conn: Connection) -> tuple[str, datetime] | None:
+            try:
+                cursor = await conn.execute("SELECT id, created_at FROM meta")
+            except psycopg.errors.UndefinedTable:
+                return None
+            return await cursor.fetchone()
+
+        row = await self._run(read)
+        if row is None:
+            raise StoreError(
+                f"state database {self._location}: its identity (table meta) is missing"
+            )
+        return StoreIdentity(row[0], row[1])
 
     async def schema_version(self) -> int:
         """The schema version the database is at."""
@@ -294,7 +330,8 @@ class PostgresStore(PostgresLeaseOps):
         changes = [(intent, canonical(intent.body)) for intent in intents]
 
         async def work(conn: Connection) -> list[int]:
-            async with conn.transaction():
+            # pipelined: a tick without journal entries or intents is one round trip
+            async with conn.pipeline(), conn.transaction():
                 epoch = await self.fenced(conn, script)  # replicas: still the holder?
                 await conn.execute(
                     "INSERT INTO rollouts (script, state, updated_at) VALUES (%s, %s, %s)"
@@ -303,13 +340,14 @@ class PostgresStore(PostgresLeaseOps):
                     (script, state_text, recorded),
                 )
                 await _append(conn, journal, recorded)
-                for item, payload in outbox:
-                    await conn.execute(
-                        "INSERT INTO outbox"
-                        " (channel, dedup_key, payload, created_at, next_attempt_at)"
-                        " VALUES (%s, %s, %s, %s, %s)",
-                        (item.channel, item.dedup_key, payload, moment, moment),
-                    )
+                if outbox:
+                    async with conn.cursor() as insert:
+                        await insert.executemany(
+                            "INSERT INTO outbox"
+                            " (channel, dedup_key, payload, created_at, next_attempt_at)"
+                            " VALUES (%s, %s, %s, %s, %s)",
+                            [(i.channel, i.dedup_key, p, moment, moment) for i, p in outbox],
+                        )
                 ids = [await _insert_intent(conn, i, body, moment) for i, body in changes]
                 for intent_id in ids:
                     await conn.execute(

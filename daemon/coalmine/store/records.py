@@ -96,3 +96,15 @@ class NewNotification:
     channel: str
     payload: dict[str, Any]
     dedup_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreIdentity:
+    """Which store this is: an id made once, when the store was created, and that moment.
+
+    A journal that restarted at zero (its file deleted, a new database in its place) has a
+    new identity, so the restart is visible in ``journal verify`` and on /metrics.
+    """
+
+    id: str
+    created_at: datetime
