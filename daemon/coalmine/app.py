@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -28,11 +28,12 @@ from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
-from coalmine.errors import ConfigError, LocalError, StoreError
+from coalmine.errors import CoalmineError, ConfigError, LocalError, StoreError
 from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, Receivers
 from coalmine.policy import Policy
 from coalmine.policyfile import load_policies
+from coalmine.replicas import LeaseKeeper
 from coalmine.server.api import Api
 from coalmine.server.health import Health
 from coalmine.server.http import serve
@@ -46,6 +47,7 @@ from coalmine.sources.prometheus import PrometheusSource
 from coalmine.sources.webhook import WebhookSource
 from coalmine.store import StateStore, open_store
 from coalmine.store.kept import KeepingStore
+from coalmine.store.leases import OUTBOX, exclusive_file, shared
 from coalmine.store.records import StoreIdentity, Verification
 
 log = structlog.get_logger("coalmine")
@@ -152,6 +154,7 @@ class Daemon:
     outbox: Outbox
     metrics: Metrics
     health: Health
+    leases: LeaseKeeper | None = None
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve HTTP, deliver notifications and run every script's loop until cancelled.
@@ -166,9 +169,13 @@ class Daemon:
                     self.api, host, port, task_status=task_status, on_accept=self.accepting
                 )
             )
-            for loop in self.loops.values():
-                await self.shared.actuator.reconcile(loop.script)
-            tg.start_soon(self.outbox.run)
+            if self.leases is None:
+                for loop in self.loops.values():
+                    await self.shared.actuator.reconcile(loop.script)
+                tg.start_soon(self.outbox.run)
+            else:  # each holder reconciles its own scripts as it takes them
+                tg.start_soon(self.keep_leases)
+                tg.start_soon(self.leases.while_held, OUTBOX, self.outbox.run)
             tg.start_soon(self.check_analytics_schema)
             tg.start_soon(self.shared.guard.run)
             tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
@@ -181,6 +188,7 @@ class Daemon:
                 listen=f"{host}:{bound}",
                 scripts=sorted(self.loops),
                 dry_run=self.settings.dry_run,
+                replica=self.leases.replica if self.leases else None,
                 auto_rollback=self.settings.auto_rollback,
                 auto_promote=self.settings.auto_promote,
             )
@@ -265,6 +273,31 @@ class Daemon:
         )
         return True
 
+    async def keep_leases(self) -> None:
+        """Keep this replica's leases (given back when the daemon closes, after the loops'
+        last writes)."""
+        keeper = self.leases
+        assert keeper is not None
+        keeper.on_round = self._after_lease_round
+
+        def store_ok(ok: bool) -> None:  # a replica holding nothing still reports its store
+            self.health.store_ok = ok
+
+        keeper.on_store = store_ok
+        await keeper.run()
+
+    async def _after_lease_round(self, acquired: set[str], lost: set[str]) -> None:
+        """Wake the loops of scripts just taken; show the holders' state for the others."""
+        keeper = self.leases
+        assert keeper is not None
+        for script in acquired & self.loops.keys():
+            self.loops[script].wake()
+        saved = await self.store.states()
+        for script, loop in self.loops.items():
+            if keeper.fence(script) is None and script in saved:
+                loop.state = RolloutState.from_json(saved[script])
+                self.metrics.record(loop.state, loop.engine.rules, [])  # as the holder sees it
+
     async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""
         try:
@@ -310,11 +343,14 @@ async def open_daemon(
     clock: Callable[[], datetime] = _now,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     transport: httpx.AsyncBaseTransport | None = None,
+    replicas: bool | None = None,
 ) -> AsyncIterator[Daemon]:
     """Build the daemon from settings and policies (from :func:`prepare`); close it after.
 
     ``clock`` and ``sleep`` are the daemon's time: the wall clock by default, a virtual clock
     in tests and backtests (the rate limiter and retries then wait in virtual time too).
+    ``replicas``: share the scripts with other replicas through leases (default: when the
+    store supports it and is not SQLite, which allows one process).
     """
     monotonic = time.monotonic if clock is _now else (lambda: clock().timestamp())
     options = Options(settings.auto_rollback, settings.auto_promote, settings.dry_run)
@@ -362,7 +398,10 @@ async def open_daemon(
             health.record(channel, 0.0, error)
 
         outbox = Outbox(store, http, receivers, clock, on_result=delivered)
-        actuator = Actuator(cloudflare, store, clock)
+        keeper = _keeper(settings, raw, policies, metrics, replicas)
+        if keeper is not None:  # on the way out, after the loops' last writes
+            stack.push_async_callback(_step_down, keeper)
+        actuator = Actuator(cloudflare, store, clock, fence=keeper.check if keeper else None)
         freeze = None
         if any(p.freeze for p in policies):
             health.expect(PAGERDUTY_API)
@@ -383,6 +422,7 @@ async def open_daemon(
             settings.discovery_interval,
             guard,
             freeze=freeze,
+            leases=keeper,
         )
         saved = await store.states()
         loops = {}
@@ -396,30 +436,63 @@ async def open_daemon(
                 )
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
         api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
-        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health)
+        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health, keeper)
+
+
+async def _step_down(keeper: LeaseKeeper) -> None:
+    """Give the leases back so that another replica takes over at once, not a TTL later."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        try:
+            await keeper.step_down()
+        except CoalmineError as exc:
+            log.warning("leases not given back; they expire instead", error=str(exc))
+
+
+def _keeper(
+    settings: Settings,
+    store: StateStore,
+    policies: list[Policy],
+    metrics: Metrics,
+    replicas: bool | None,
+) -> LeaseKeeper | None:
+    """The lease keeper of a replica sharing ``store``; None when it runs alone."""
+    leased = shared(store)
+    if replicas is None:
+        replicas = not settings.state_url.startswith("sqlite:")
+    if not replicas or leased is None:
+        return None
+    scripts = [script for policy in policies for script in policy.scripts]
+    ttl = settings.lease_ttl.total_seconds()
+    keeper = LeaseKeeper(leased, settings.replica, ttl, scripts, metrics.registry)
+    leased.fence = keeper.holdings  # every tick's write checks the lease in its transaction
+    return keeper
 
 
 async def run_until_signalled(settings: Settings, policies: list[Policy]) -> None:
     """``coalmine run``: the daemon, stopped cleanly by SIGTERM or SIGINT; SIGHUP reloads
     the policies. The store is opened before anything runs, so an unusable one is a plain
-    error (exit 2), and closed only after every loop has finished its write."""
-    async with open_daemon(settings, policies) as daemon, anyio.create_task_group() as tg:
+    error (exit 2), and closed only after every loop has finished its write. SQLite allows
+    one process: a second one on the same file is refused."""
+    with ExitStack() as stack:
+        if settings.state_url.startswith("sqlite:"):
+            stack.enter_context(exclusive_file(settings.state_path))
+        async with open_daemon(settings, policies) as daemon, anyio.create_task_group() as tg:
 
-        def start(loop: ScriptLoop) -> None:
-            tg.start_soon(loop.run)
+            def start(loop: ScriptLoop) -> None:
+                tg.start_soon(loop.run)
 
-        async def watch_signals() -> None:
-            with anyio.open_signal_receiver(
-                signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-            ) as signals:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        log.info("reloading the policies", signal="SIGHUP")
-                        await daemon.reload(start)
-                        continue
-                    log.info("stopping", signal=signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                ) as signals:
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            log.info("reloading the policies", signal="SIGHUP")
+                            await daemon.reload(start)
+                            continue
+                        log.info("stopping", signal=signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+                        return
 
-        tg.start_soon(watch_signals)
-        await daemon.serve()
+            tg.start_soon(watch_signals)
+            await daemon.serve()

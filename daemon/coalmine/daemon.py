@@ -49,11 +49,13 @@ from coalmine.errors import CoalmineError, StoreError
 from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, notifications, plain
 from coalmine.policy import Policy, Rule
+from coalmine.replicas import LeaseKeeper, decision_from
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
 from coalmine.sources import Source, Target
 from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.store.base import StateStore
+from coalmine.store.leases import LeaseLost
 from coalmine.store.records import Intent, NewEntry, NewNotification
 
 log = structlog.get_logger("coalmine")
@@ -92,6 +94,7 @@ class Shared:
     # 20 is httpx's kept-alive connections: none is opened and closed again.
     reads: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(20))
     freeze: IncidentFreeze | None = None  # PagerDuty's incidents, for policies with a freeze
+    leases: LeaseKeeper | None = None  # replicas on PostgreSQL: act only on leased scripts
 
 
 @dataclass
@@ -101,6 +104,7 @@ class _Pending:
     decisions: list[Decision] = field(default_factory=list)
     error: str | None = None
     taken: bool = False  # a tick has it: it will be applied (or fail) there
+    remote: int | None = None  # forwarded by another replica: the command's id
 
 
 class ScriptLoop:
@@ -124,6 +128,11 @@ class ScriptLoop:
         self._wake = anyio.Event()
         self._next_policy: tuple[Policy, Engine] | None = None  # reloaded, not in use yet
         self._stopping = False
+        self._epoch: int | None = None  # the lease epoch this loop last acted under
+
+    def wake(self) -> None:
+        """Tick now instead of at the next scheduled time."""
+        self._wake.set()
 
     @property
     def interval(self) -> timedelta:
@@ -180,6 +189,9 @@ class ScriptLoop:
 
     async def submit(self, command: Command, timeout: float = 30.0) -> list[Decision]:
         """Queue an operator command, wake the loop, and return its decisions once applied."""
+        leases = self._shared.leases
+        if leases is not None and leases.fence(self.script) is None:
+            return await forward(leases, self.script, command, timeout)
         pending = _Pending(command)
         self._pending.append(pending)
         self._wake.set()
@@ -210,8 +222,13 @@ class ScriptLoop:
         guard = self._shared.guard
         try:
             await guard.watch(now)
+            if not await self._lease_gate():
+                return
             await self.tick(now)
             guard.report()
+        except LeaseLost as exc:
+            log.warning("lease lost; stepping down", script=self.script, error=str(exc))
+            self._epoch = None
         except StoreError as exc:
             guard.report()
             self._shared.health.store_ok = False
@@ -221,6 +238,25 @@ class ScriptLoop:
         except Exception as exc:  # a bug must not stop the other scripts or the next tick
             log.exception("internal error; tick skipped", script=self.script, error=repr(exc))
             self._shared.metrics.internal_errors.inc()
+
+    async def _lease_gate(self) -> bool:
+        """Whether this replica may tick the script; a new holder first reloads its state
+        (the tick then reconciles open intents before judging)."""
+        leases = self._shared.leases
+        if leases is None:
+            return True
+        fence = leases.fence(self.script)
+        if fence is None:
+            self._epoch = None
+            return False
+        if fence.epoch != self._epoch:
+            saved = (await self._shared.store.states()).get(self.script)
+            if saved is not None:
+                self.state = RolloutState.from_json(saved)
+            self._versions, self._stuck_paged, self._epoch = {}, False, fence.epoch
+            log.info("lease taken; state reloaded", script=self.script, epoch=fence.epoch)
+        self._pending += await take_forwarded(leases, self.script)
+        return True
 
     async def tick(self, now: datetime) -> list[Decision]:
         """Reconcile, observe, decide, persist, act."""
@@ -248,6 +284,9 @@ class ScriptLoop:
                     item.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                     item.done.set()
             raise
+        finally:
+            if self._shared.leases is not None:
+                await answer_forwarded(self._shared.leases, pending)
 
     async def _read_live(self) -> LiveDeployment | None:
         """The deployment serving traffic now, read once a slot among the loops is free."""
@@ -525,7 +564,45 @@ class ScriptLoop:
             "steps": [step.weight for step in self.policy.steps],
             "rules": rules,
             "recent_decisions": [d.to_dict() for d in self.recent[-20:]],
+            **self._lease_fields(),
         }
+
+    def _lease_fields(self) -> dict[str, Any]:
+        """Which replica holds the script, when replicas share the store (nothing otherwise)."""
+        leases = self._shared.leases
+        row = leases.table.get(self.script) if leases is not None else None
+        if leases is None or row is None:
+            return {}
+        live = row.expires_in > 0
+        return {"lease": {"holder": row.holder if live else None, "epoch": row.epoch}}
+
+
+async def forward(
+    leases: LeaseKeeper, script: str, command: Command, timeout: float
+) -> list[Decision]:
+    """Hand an operator command to the replica holding ``script``; wait for its answer."""
+    taken, answer = await leases.forward(script, command, timeout)
+    if answer is None:
+        if taken:
+            raise CommandQueued("the holding replica is applying it; see `coalmine status`")
+        raise CommandFailed(f"not applied within {timeout:g}s and withdrawn; nothing changed")
+    if "error" in answer:
+        raise CommandFailed(str(answer["error"]))
+    return [decision_from(d, script) for d in answer.get("decisions", [])]
+
+
+async def take_forwarded(leases: LeaseKeeper, script: str) -> list[_Pending]:
+    """Commands other replicas forwarded for ``script``, as this loop's own."""
+    return [_Pending(cmd, remote=i) for i, cmd in await leases.take_commands(script)]
+
+
+async def answer_forwarded(leases: LeaseKeeper, pending: Sequence[_Pending]) -> None:
+    """Answer the forwarded commands a tick carried."""
+    for item in pending:
+        if item.remote is not None:
+            failed = item.error is not None or not item.done.is_set()
+            why = item.error or "the tick that carried it failed"
+            await leases.answer(item.remote, None if failed else item.decisions, why)
 
 
 def scheduled(now: datetime, lateness: float, interval: timedelta) -> datetime:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -106,6 +107,16 @@ class Settings(BaseSettings):
         description="Where rollout state, intents, outbox and the journal live: `sqlite:///PATH` "
         "(one process) or `postgresql://USER:PASSWORD@HOST:PORT/DB` (shared by replicas).",
     )
+    lease_ttl: Duration = Field(
+        default=timedelta(seconds=15),
+        description="Replicas on PostgreSQL: how long a script's lease lasts unrenewed before"
+        " another replica takes the script over (renewed every third of it).",
+    )
+    replica_id: str | None = Field(
+        default=None,
+        description="This replica's name in leases, /metrics and `coalmine status`."
+        " Unset: hostname-pid.",
+    )
     cloudflare_rate_limit: int = Field(
         default=600,
         gt=0,
@@ -151,6 +162,13 @@ class Settings(BaseSettings):
             _url(value.get_secret_value())
         return value or None
 
+    @field_validator("lease_ttl")
+    @classmethod
+    def _check_lease_ttl(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("must be at least 1s, e.g. 15s")
+        return value
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
@@ -179,6 +197,11 @@ class Settings(BaseSettings):
         """``listen`` split into host and port."""
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+    @property
+    def replica(self) -> str:
+        """This replica's id: ``COALMINE_REPLICA_ID``, else hostname-pid."""
+        return self.replica_id or f"{socket.gethostname()}-{os.getpid()}"
 
     @property
     def state_path(self) -> Path:

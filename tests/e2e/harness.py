@@ -153,8 +153,12 @@ async def harness(
             }
         )
         policies = prepare(settings)
-        async with open_daemon(
-            settings, policies, clock=clock, sleep=lambda s: virtual_sleep(clock, s)
+        async with open_daemon(  # ticks driven here, one daemon: no leases, even on PostgreSQL
+            settings,
+            policies,
+            clock=clock,
+            sleep=lambda s: virtual_sleep(clock, s),
+            replicas=False,
         ) as daemon:
             if start_canary:
                 sim.start_canary("api", canary_id, percent=10)

@@ -153,7 +153,7 @@ async def test_intent_left_open_by_a_crash_is_applied_once_on_restart(
         from coalmine.app import open_daemon, prepare
 
         settings = h.daemon.settings
-        async with open_daemon(settings, prepare(settings), clock=h.clock) as again:
+        async with open_daemon(settings, prepare(settings), clock=h.clock, replicas=False) as again:
             outcomes = await again.shared.actuator.reconcile("api")
             assert [type(o).__name__ for _, o in outcomes] == ["Applied"]
             assert again.loops["api"].state.canary_percent == 50

@@ -198,6 +198,7 @@ async def fault_harness(
             prepare(settings),
             clock=clock,
             sleep=lambda s: virtual_sleep(clock, s),
+            replicas=False,  # ticks driven by the case, one daemon
             transport=CappedTimeouts(TIMEOUT_CAP, ports),
         ) as daemon:
             sim.start_canary(SCRIPT, CANARY, percent=10)

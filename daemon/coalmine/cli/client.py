@@ -36,8 +36,13 @@ def status(settings: Settings, url: str | None) -> int:
     response = _request("GET", daemon_url(settings, url) + "/api/v1/rollouts")
     if response.status_code != 200:
         raise RemoteError(f"daemon answered HTTP {response.status_code}")
-    rows = [("SCRIPT", "PHASE", "CANARY", "STABLE", "WEIGHT", "STEP", "BREACHING", "INCONCLUSIVE")]
-    for r in response.json()["rollouts"]:
+    rollouts = response.json()["rollouts"]
+    leased = any("lease" in r for r in rollouts)  # replicas: which one holds each script
+    rows: list[tuple[str, ...]] = [
+        ("SCRIPT", "PHASE", "CANARY", "STABLE", "WEIGHT", "STEP", "BREACHING", "INCONCLUSIVE")
+        + (("HOLDER",) if leased else ())
+    ]
+    for r in rollouts:
         breaching = sorted(n for n, v in r["rules"].items() if v["status"] == "breaching")
         inconclusive = sorted(n for n, v in r["rules"].items() if v["status"] == "inconclusive")
         steps = f"{r['step']}/{len(r['steps'])}" if r["step"] else "-"
@@ -52,6 +57,7 @@ def status(settings: Settings, url: str | None) -> int:
                 ",".join(breaching) or "-",
                 ",".join(inconclusive) or "-",
             )
+            + ((f"{_holder(r)}",) if leased else ())
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -87,3 +93,9 @@ def command(
         return 0 if response.status_code == 200 else 1
     print(f"coalmine: {payload.get('error', f'HTTP {response.status_code}')}", file=sys.stderr)
     return 1
+
+
+def _holder(rollout: dict[str, Any]) -> str:
+    """The replica holding a script's lease, with its epoch ("-": none holds it now)."""
+    lease = rollout.get("lease") or {}
+    return f"{lease['holder']}@{lease['epoch']}" if lease.get("holder") else "-"

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 
@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_journal_verify)
     export.set_defaults(handler=_journal_export)
 
+    _add_migrate_state(commands)
     demo = commands.add_parser("demo", help="a simulated Worker: a healthy and a faulty canary")
     demo.add_argument("--format", choices=("table", "jsonl"), default="table")
     demo.add_argument("--offline", action="store_true", help="the engine on a virtual clock only")
@@ -255,6 +256,28 @@ def _journal_export(args: argparse.Namespace) -> int:
     else:
         with Path(args.output).open("w", encoding="utf-8") as out:
             out.writelines(lines)
+    return 0
+
+
+def _add_migrate_state(commands: Any) -> None:
+    move = commands.add_parser(
+        "migrate-state", help="copy a SQLite state file into an empty PostgreSQL database"
+    )
+    move.add_argument("--from", dest="source", required=True, metavar="sqlite:///PATH")
+    move.add_argument("--to", dest="target", required=True, metavar="postgresql://...")
+    move.set_defaults(handler=_migrate_state)
+
+
+def _migrate_state(args: argparse.Namespace) -> int:
+    # imported here: only this command pays for the PostgreSQL driver's import
+    from coalmine.store.migrate import migrate_state  # noqa: PLC0415
+
+    copied = migrate_state(args.source, args.target)
+    print(
+        f"copied {copied.states} rollouts, {copied.intents} open intents,"
+        f" {copied.notifications} undelivered notifications and {copied.entries} journal"
+        f" entries (head {copied.head})"
+    )
     return 0
 
 

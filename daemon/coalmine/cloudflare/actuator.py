@@ -6,7 +6,8 @@ deployment; if it already serves what the intent asks (a crash after the call, b
 journal), just record that; otherwise create the deployment, read it back to verify, and record
 the result with a journal entry. After a crash the open intents are reconciled this way before
 anything else, so each change is applied once, neither repeated nor skipped. In dry-run mode
-no intent is ever created.
+no intent is ever created. With replicas, every write is preceded by a look at the script's
+lease in the database: a replica that lost it (paused, cut off, taken over) sends nothing.
 
 A change Cloudflare refuses in a way retrying cannot fix (:func:`cannot_succeed`: a 4xx such
 as 10021 invalid request, 100405 Durable Object exports, a version not found) is *withdrawn*:
@@ -18,7 +19,7 @@ breaching canary is worse than a retry loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -155,11 +156,17 @@ class Actuator:
     """Applies stored intents against the live deployment."""
 
     def __init__(
-        self, client: CloudflareClient, store: StateStore, clock: Callable[[], datetime]
+        self,
+        client: CloudflareClient,
+        store: StateStore,
+        clock: Callable[[], datetime],
+        fence: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
         self._store = store
         self._clock = clock
+        # replicas: raises LeaseLost unless this replica still holds the script's lease
+        self._fence = fence
 
     async def apply(self, intent: Intent) -> Applied:
         """Make the live deployment what the intent says (once), verify, and record it."""
@@ -181,6 +188,8 @@ class Actuator:
             await self._finish(intent, live, outcome)
             return Applied(live, outcome)
         else:
+            if self._fence is not None:  # last look at the lease, right before the write
+                await self._fence(intent.script)
             try:
                 result = await self._client.deploy(
                     intent.script,
@@ -194,6 +203,8 @@ class Actuator:
                 outcome = f"refused: {exc.detail}"
                 await self._finish(intent, live, outcome)
                 return Applied(live, outcome)
+            if self._fence is not None:  # lost meanwhile (paused?): the new holder verifies
+                await self._fence(intent.script)
             check = await self._client.current(intent.script)
             if check is None or not check.matches(versions):
                 got = check.versions if check else "nothing"

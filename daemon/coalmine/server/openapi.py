@@ -129,7 +129,15 @@ def _schemas() -> dict[str, Any]:
                 "steps": {"type": "array", "items": percent},
                 "rules": {"type": "object", "additionalProperties": _ref("Rule")},
                 "recent_decisions": {"type": "array", "items": _ref("Decision"), "maxItems": 20},
-            }
+            },
+            {
+                "lease": _object(
+                    {
+                        "holder": _nullable(string),
+                        "epoch": {"type": "integer", "minimum": 1},
+                    }
+                )
+            },
         ),
         "Rollouts": _object({"rollouts": {"type": "array", "items": _ref("Rollout")}}),
         "Check": _object(

@@ -36,6 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 from coalmine.engine.model import format_time
 from coalmine.errors import StoreError
 from coalmine.store.journal import GENESIS, canonical, entry_hash, verify_entries
+from coalmine.store.pg_leases import LEASE_MIGRATION, PostgresLeaseOps
 from coalmine.store.records import (
     Intent,
     JournalEntry,
@@ -121,6 +122,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER journal_no_truncate BEFORE TRUNCATE ON journal
         FOR EACH STATEMENT EXECUTE FUNCTION coalmine_journal_append_only();
     """,
+    LEASE_MIGRATION,
 )
 
 T = TypeVar("T")
@@ -157,7 +159,7 @@ async def _configure(conn: Connection) -> None:
     await conn.execute(f"SET statement_timeout = '{int(OPERATION_TIMEOUT * 1000)}ms'")
 
 
-class PostgresStore:
+class PostgresStore(PostgresLeaseOps):
     """A PostgreSQL database behind the :class:`~coalmine.store.base.StateStore` seam.
 
     Nothing connects until the first call: that call opens a direct connection to migrate the
@@ -330,6 +332,7 @@ class PostgresStore:
         async def work(conn: Connection) -> list[int]:
             # pipelined: a tick without journal entries or intents is one round trip
             async with conn.pipeline(), conn.transaction():
+                epoch = await self.fenced(conn, script)  # replicas: still the holder?
                 await conn.execute(
                     "INSERT INTO rollouts (script, state, updated_at) VALUES (%s, %s, %s)"
                     " ON CONFLICT (script) DO UPDATE"
@@ -345,7 +348,12 @@ class PostgresStore:
                             " VALUES (%s, %s, %s, %s, %s)",
                             [(i.channel, i.dedup_key, p, moment, moment) for i, p in outbox],
                         )
-                return [await _insert_intent(conn, i, body, moment) for i, body in changes]
+                ids = [await _insert_intent(conn, i, body, moment) for i, body in changes]
+                for intent_id in ids:
+                    await conn.execute(
+                        "UPDATE intents SET epoch = %s WHERE id = %s", (epoch, intent_id)
+                    )
+                return ids
 
         return await self._run(work)
 
@@ -397,11 +405,12 @@ class PostgresStore:
 
         async def work(conn: Connection) -> None:
             async with conn.transaction():
-                await conn.execute(
-                    "UPDATE intents SET finished_at = %s, result = %s WHERE id = %s",
+                cursor = await conn.execute(
+                    "UPDATE intents SET finished_at = %s, result = %s WHERE id = %s" + self.once,
                     (now, text, intent_id),
                 )
-                await _append(conn, journal, _ts(now))
+                if cursor.rowcount:  # replicas: a stale holder's late finish journals nothing
+                    await _append(conn, journal, _ts(now))
 
         await self._run(work)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ import anyio.to_thread
 from coalmine.engine.model import format_time
 from coalmine.errors import StoreError
 from coalmine.store.journal import GENESIS, canonical, entry_hash, verify_entries
+from coalmine.store.leases import LEASE_MIGRATION, Fence, LeaseRow, SqliteLeaseOps
 from coalmine.store.records import (
     Intent,
     JournalEntry,
@@ -101,6 +102,7 @@ MIGRATIONS: tuple[str, ...] = (
         (SELECT recorded_at FROM journal ORDER BY seq LIMIT 1),
         strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
     """,
+    LEASE_MIGRATION,
 )
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -139,7 +141,7 @@ def _file_id(path: str) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-class SqliteStore:
+class SqliteStore(SqliteLeaseOps):
     """One SQLite database, used from the daemon's event-loop thread only (writes are small)."""
 
     def __init__(self, path: str | Path) -> None:
@@ -274,6 +276,7 @@ class SqliteStore:
         recorded = _ts(now or datetime.now(UTC))
         with self._transaction() as db:
             db.execute("BEGIN IMMEDIATE")
+            epoch = self.fenced(db, script)
             db.execute(
                 "INSERT INTO rollouts (script, state, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (script) DO UPDATE"
@@ -288,6 +291,7 @@ class SqliteStore:
                     (item.channel, item.dedup_key, canonical(item.payload), recorded, recorded),
                 )
             ids = [self._insert_intent(db, intent, recorded) for intent in intents]
+            db.executemany("UPDATE intents SET epoch = ? WHERE id = ?", [(epoch, i) for i in ids])
             db.execute("COMMIT")
         return ids
 
@@ -371,11 +375,12 @@ class SqliteStore:
         recorded = _ts(now)
         with self._transaction() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute(
-                "UPDATE intents SET finished_at = ?, result = ? WHERE id = ?",
+            cursor = db.execute(
+                "UPDATE intents SET finished_at = ?, result = ? WHERE id = ?" + self.once,
                 (recorded, canonical(result), intent_id),
             )
-            self._append(db, [entry] if entry else [], recorded)
+            if cursor.rowcount:  # replicas: a stale holder's late finish journals nothing
+                self._append(db, [entry] if entry else [], recorded)
             db.execute("COMMIT")
 
     def open_intents(self) -> list[Intent]:
@@ -477,6 +482,15 @@ class ThreadedSqlite:
         """The database file."""
         return self.sync.path
 
+    @property
+    def fence(self) -> Mapping[str, Fence] | None:
+        """The leases this replica's writes need (see :mod:`coalmine.store.leases`)."""
+        return self.sync.fence
+
+    @fence.setter
+    def fence(self, value: Mapping[str, Fence] | None) -> None:
+        self.sync.fence = value
+
     async def _run(self, call: Callable[[], T]) -> T:
         return await anyio.to_thread.run_sync(call, limiter=self._one)
 
@@ -539,3 +553,51 @@ class ThreadedSqlite:
     async def aclose(self) -> None:
         """Close the database."""
         await self._run(self.sync.close)
+
+    # ---- leases (see coalmine.store.leases) ---------------------------------------------------
+
+    async def heartbeat(self, replica: str, ttl: float) -> list[str]:
+        """See :meth:`~coalmine.store.leases.LeaseOps.heartbeat`."""
+        return await self._run(lambda: self.sync.heartbeat(replica, ttl))
+
+    async def renew(self, replica: str, held: Mapping[str, int], ttl: float) -> dict[str, int]:
+        """See :meth:`~coalmine.store.leases.LeaseOps.renew`."""
+        return await self._run(lambda: self.sync.renew(replica, held, ttl))
+
+    async def acquire(
+        self, replica: str, names: Sequence[str], ttl: float, limit: int
+    ) -> dict[str, int]:
+        """See :meth:`~coalmine.store.leases.LeaseOps.acquire`."""
+        return await self._run(lambda: self.sync.acquire(replica, names, ttl, limit))
+
+    async def release(self, replica: str, held: Mapping[str, int]) -> None:
+        """See :meth:`~coalmine.store.leases.LeaseOps.release`."""
+        await self._run(lambda: self.sync.release(replica, held))
+
+    async def holds(self, name: str, fence: Fence) -> bool:
+        """See :meth:`~coalmine.store.leases.LeaseOps.holds`."""
+        return await self._run(lambda: self.sync.holds(name, fence))
+
+    async def leases(self) -> list[LeaseRow]:
+        """See :meth:`~coalmine.store.leases.LeaseOps.leases`."""
+        return await self._run(self.sync.leases)
+
+    async def post_command(self, script: str, body: dict[str, Any], replica: str) -> int:
+        """See :meth:`~coalmine.store.leases.LeaseOps.post_command`."""
+        return await self._run(lambda: self.sync.post_command(script, body, replica))
+
+    async def take_commands(self, script: str, replica: str) -> list[tuple[int, dict[str, Any]]]:
+        """See :meth:`~coalmine.store.leases.LeaseOps.take_commands`."""
+        return await self._run(lambda: self.sync.take_commands(script, replica))
+
+    async def answer_command(self, command_id: int, answer: dict[str, Any]) -> None:
+        """See :meth:`~coalmine.store.leases.LeaseOps.answer_command`."""
+        await self._run(lambda: self.sync.answer_command(command_id, answer))
+
+    async def command_answer(self, command_id: int) -> tuple[bool, dict[str, Any] | None]:
+        """See :meth:`~coalmine.store.leases.LeaseOps.command_answer`."""
+        return await self._run(lambda: self.sync.command_answer(command_id))
+
+    async def withdraw_command(self, command_id: int) -> bool:
+        """See :meth:`~coalmine.store.leases.LeaseOps.withdraw_command`."""
+        return await self._run(lambda: self.sync.withdraw_command(command_id))

@@ -1,0 +1,197 @@
+"""Three daemons sharing one store through leases, in one process, on the wall clock.
+
+Each is built by ``open_daemon`` as ``coalmine run`` builds it, with its own replica id and
+HTTP port, against one simulator. The store is one SQLite file opened by each (SQLite's
+statements keep the same lease semantics as PostgreSQL's; ``coalmine run`` itself refuses a
+second process on one SQLite file). These pin what the daemon does with leases: one holder
+acts, another replica forwards an operator's command to it, and a replica that stops hands
+its scripts over at once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from coalmine.app import Daemon, open_daemon, prepare
+from coalmine.settings import load_settings
+from coalmine.simulator import Simulator
+
+pytestmark = pytest.mark.anyio
+TOKEN = "replica-test-admin-token-0123456789"
+POLICY = """
+version: 1
+name: replicas
+scripts: [api, web]
+analysis: {interval: 1s, warmup: 0s, inconclusive_page_after: 1h}
+steps: [{weight: 10, hold: 1s}, {weight: 50, hold: 1h}, {weight: 100}]
+rules:
+  - {name: exceptions, source: cloudflare, signal: errors_per_minute, window: 1m, above: 1000, on_breach: page}
+"""
+
+
+@dataclass
+class Replica:
+    """One running daemon: its id, its port, and the scope that stops it."""
+
+    name: str
+    daemon: Daemon
+    port: int
+    closing: AsyncExitStack
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+
+    async def stop(self) -> None:
+        """Stop as SIGTERM stops `coalmine run`: end the loops, then close the daemon."""
+        self.scope.cancel()
+        await self.closing.aclose()
+
+    def holds(self, script: str) -> bool:
+        """Whether this replica may act on ``script`` now."""
+        leases = self.daemon.leases
+        return leases is not None and leases.fence(script) is not None
+
+
+@asynccontextmanager
+async def replicas(
+    tmp_path: Path, names: str = "ABC"
+) -> AsyncIterator[tuple[Simulator, list[Replica]]]:
+    """A simulator with `api` and `web` split 10% to a canary, and a daemon per name."""
+    sim = Simulator(seed=3)
+    sim.slack.limiter.limit = None
+    canaries = {}
+    for script in ("api", "web"):
+        sim.add_script(script, requests_per_minute=600)
+        canaries[script] = sim.upload_version(script)
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    async with sim.running(), anyio.create_task_group() as tg, AsyncExitStack() as stack:
+        running = []
+        for name in names:
+            settings = load_settings(
+                {
+                    **sim.environment(),
+                    "COALMINE_POLICIES": str(tmp_path / "policy.yaml"),
+                    "COALMINE_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+                    "COALMINE_LISTEN": "127.0.0.1:0",
+                    "COALMINE_ADMIN_TOKEN": TOKEN,
+                    "COALMINE_DISCOVERY_INTERVAL": "1s",
+                    "COALMINE_LEASE_TTL": "2s",
+                    "COALMINE_REPLICA_ID": name,
+                }
+            )
+            closing = await stack.enter_async_context(AsyncExitStack())
+            daemon = await closing.enter_async_context(
+                open_daemon(settings, prepare(settings), replicas=True)
+            )
+            replica = Replica(name, daemon, 0, closing)
+
+            async def serve(replica: Replica, *, task_status: Any) -> None:
+                with replica.scope:
+                    await replica.daemon.serve(task_status=task_status)
+
+            replica.port = await tg.start(serve, replica)
+            running.append(replica)
+        for script, canary in canaries.items():
+            sim.start_canary(script, canary, percent=10)
+        yield sim, running
+        tg.cancel_scope.cancel()
+
+
+async def until(condition: Any, seconds: float = 30.0) -> None:
+    """Wait for ``condition()`` (sync or async) to hold, with a deadline."""
+    with anyio.fail_after(seconds):
+        while True:
+            result = condition()
+            if hasattr(result, "__await__"):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.05)
+
+
+def holders(running: list[Replica], script: str) -> list[str]:
+    """The replicas that may act on ``script`` now."""
+    return [r.name for r in running if r.holds(script)]
+
+
+async def test_each_script_has_one_holder_and_the_rollout_advances_once(tmp_path: Path) -> None:
+    """Two scripts over three replicas: one holder each; each step is posted exactly once."""
+    async with replicas(tmp_path) as (sim, running):
+        await until(lambda: all(len(holders(running, s)) == 1 for s in ("api", "web")))
+        await until(lambda: len(sim.deployment_posts("api")) == 1)
+        await until(lambda: len(sim.deployment_posts("web")) == 1)
+        for script in ("api", "web"):
+            posts = sim.deployment_posts(script)
+            assert [[v["percentage"] for v in p["versions"]] for p in posts] == [[50, 50]]
+            assert len(holders(running, script)) == 1
+
+
+async def test_a_command_sent_to_any_replica_is_applied_by_the_holder(tmp_path: Path) -> None:
+    """`pause` posted to a replica that does not hold the script is forwarded and answered;
+    `coalmine status` against any replica shows who holds what."""
+    async with replicas(tmp_path) as (_, running):
+        await until(lambda: len(holders(running, "api")) == 1)
+        other = next(r for r in running if not r.holds("api"))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{other.port}") as client:
+            response = await client.post(
+                "/api/v1/rollouts/api/pause",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+            assert [d["action"] for d in response.json()["decisions"]] == ["pause"]
+            holder = next(r for r in running if r.holds("api"))
+            assert holder.daemon.loops["api"].state.phase.value == "paused"
+
+            async def shown_paused_with_its_holder() -> bool:
+                body = (await client.get("/api/v1/rollouts/api")).json()
+                return bool(body["phase"] == "paused" and body["lease"]["holder"] == holder.name)
+
+            await until(shown_paused_with_its_holder)
+        status = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "coalmine",
+                    "status",
+                    "--url",
+                    f"http://127.0.0.1:{other.port}",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        )
+        header, api_row = status.stdout.splitlines()[:2]
+        assert header.split()[-1] == "HOLDER", status.stdout + status.stderr
+        assert api_row.split()[-1] == f"{holder.name}@{holder.daemon.leases.fence('api').epoch}"  # type: ignore[union-attr]
+
+
+async def test_a_stopping_replica_hands_its_scripts_over_at_once(tmp_path: Path) -> None:
+    """A replica stopped cleanly gives its leases back; another takes them before they expire."""
+    async with replicas(tmp_path, "AB") as (sim, running):
+        await until(lambda: len(holders(running, "api")) == 1)
+        first = next(r for r in running if r.holds("api"))
+        epoch = first.daemon.leases.fence("api").epoch  # type: ignore[union-attr]
+        await first.stop()
+        other = next(r for r in running if r is not first)
+        assert other.daemon.leases is not None
+        row = {r.name: r for r in await other.daemon.leases.store.leases()}["api"]
+        assert row.holder == other.name or row.expires_in <= 0, "given back, not left to expire"
+        await until(lambda: other.holds("api"))
+        taken = other.daemon.leases.fence("api")  # type: ignore[union-attr]
+        assert taken is not None and taken.epoch == epoch + 1
+        await until(lambda: len(sim.deployment_posts("api")) == 1)
+        metrics = other.daemon.metrics.registry.get_sample_value(
+            "coalmine_lease_held", {"script": "api"}
+        )
+        assert metrics == 1.0
