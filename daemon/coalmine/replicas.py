@@ -31,7 +31,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from coalmine.engine import Command, Decision
-from coalmine.errors import CoalmineError
+from coalmine.errors import CoalmineError, StoreError
 from coalmine.store.leases import OUTBOX, Fence, LeaseLost, LeaseOps, LeaseRow
 
 log = structlog.get_logger("coalmine")
@@ -145,10 +145,22 @@ class LeaseKeeper:
         """The lease ``name`` if this replica may act under it now."""
         return self.holdings.get(name)
 
-    async def check(self, name: str) -> None:
-        """Raise :class:`LeaseLost` unless the database says the lease is still ours, now."""
+    async def check(self, name: str, *, rollback: bool = False) -> None:
+        """Raise :class:`LeaseLost` unless the database says the lease is still ours, now.
+
+        A rollback never waits for the store: when the database cannot answer, a lease that is
+        still good by this replica's own renewal (renewed less than TTL less a margin ago, so no
+        other replica can hold it yet) lets the rollback go out; anything else waits."""
         fence = self.fence(name)
-        if fence is None or not await self.store.holds(name, fence):
+        if fence is None:
+            raise LeaseLost(f"lease on {name} lost; write refused before it was sent")
+        try:
+            held = await self.store.holds(name, fence)
+        except StoreError:
+            if rollback and self.fence(name) is not None:
+                return
+            raise
+        if not held:
             raise LeaseLost(f"lease on {name} lost; write refused before it was sent")
 
     def share(self) -> int:

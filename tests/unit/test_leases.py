@@ -16,7 +16,7 @@ import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
-from coalmine.errors import ConfigError
+from coalmine.errors import ConfigError, StoreError
 from coalmine.replicas import Holdings, LeaseKeeper
 from coalmine.store.leases import OUTBOX, Fence, LeaseLost, exclusive_file
 from coalmine.store.records import NewEntry, NewIntent
@@ -217,6 +217,21 @@ async def test_a_dead_replicas_scripts_are_taken_over_with_new_epochs(tmp_path: 
     finally:
         for s in stores:
             await s.aclose()
+
+
+async def test_a_rollback_goes_out_under_a_fresh_lease_while_the_database_is_down(
+    tmp_path: Path,
+) -> None:
+    """With the database unreachable, a lease still good by the holder's own renewal lets a
+    rollback through (it never waits for the store); every other write waits."""
+    store = ThreadedSqlite(SqliteStore(tmp_path / "state.db"))
+    keeper = LeaseKeeper(store, "A", 60, ["api"], CollectorRegistry())
+    await keeper.round()
+    await keeper.check("api")  # the database says the lease is ours
+    store.sync.close()  # from now on every statement fails: the store is down
+    await keeper.check("api", rollback=True)
+    with pytest.raises(StoreError):
+        await keeper.check("api")
 
 
 def test_a_second_process_on_one_sqlite_file_is_refused(tmp_path: Path) -> None:

@@ -19,10 +19,10 @@ breaching canary is worse than a retry loop.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from coalmine.cloudflare.client import (
     SECRETS_CHANGED,
@@ -34,6 +34,13 @@ from coalmine.engine import Decision
 from coalmine.notify.outbox import plain
 from coalmine.store.base import StateStore
 from coalmine.store.records import Intent, NewEntry, NewIntent, NewNotification
+
+
+class Fence(Protocol):
+    """Raises unless this replica may still write for ``script`` (see replicas.LeaseKeeper)."""
+
+    async def __call__(self, script: str, /, *, rollback: bool = False) -> None: ...
+
 
 TRAFFIC_ACTIONS = ("set_traffic", "promote", "rollback")
 
@@ -160,7 +167,7 @@ class Actuator:
         client: CloudflareClient,
         store: StateStore,
         clock: Callable[[], datetime],
-        fence: Callable[[str], Awaitable[None]] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self._client = client
         self._store = store
@@ -189,7 +196,7 @@ class Actuator:
             return Applied(live, outcome)
         else:
             if self._fence is not None:  # last look at the lease, right before the write
-                await self._fence(intent.script)
+                await self._fence(intent.script, rollback=intent.kind == "rollback")
             try:
                 result = await self._client.deploy(
                     intent.script,
@@ -204,7 +211,7 @@ class Actuator:
                 await self._finish(intent, live, outcome)
                 return Applied(live, outcome)
             if self._fence is not None:  # lost meanwhile (paused?): the new holder verifies
-                await self._fence(intent.script)
+                await self._fence(intent.script, rollback=intent.kind == "rollback")
             check = await self._client.current(intent.script)
             if check is None or not check.matches(versions):
                 got = check.versions if check else "nothing"

@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -254,8 +254,9 @@ class SqliteStore(SqliteLeaseOps):
         try:
             yield self._db
         except BaseException as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            with suppress(sqlite3.Error):  # a closed or broken connection has nothing to undo
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"state database {self.path}: {exc}") from None
             raise
