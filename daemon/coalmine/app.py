@@ -473,26 +473,28 @@ async def run_until_signalled(settings: Settings, policies: list[Policy]) -> Non
     the policies. The store is opened before anything runs, so an unusable one is a plain
     error (exit 2), and closed only after every loop has finished its write. SQLite allows
     one process: a second one on the same file is refused."""
-    with ExitStack() as stack:
-        if settings.state_url.startswith("sqlite:"):
-            stack.enter_context(exclusive_file(settings.state_path))
-        async with open_daemon(settings, policies) as daemon, anyio.create_task_group() as tg:
+    # the store is opened (and an unusable one named) before the lock beside it is taken
+    async with open_daemon(settings, policies) as daemon:
+        with ExitStack() as stack:
+            if settings.state_url.startswith("sqlite:"):
+                stack.enter_context(exclusive_file(settings.state_path))
+            async with anyio.create_task_group() as tg:
 
-            def start(loop: ScriptLoop) -> None:
-                tg.start_soon(loop.run)
+                def start(loop: ScriptLoop) -> None:
+                    tg.start_soon(loop.run)
 
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-                ) as signals:
-                    async for signum in signals:
-                        if signum == signal.SIGHUP:
-                            log.info("reloading the policies", signal="SIGHUP")
-                            await daemon.reload(start)
-                            continue
-                        log.info("stopping", signal=signal.Signals(signum).name)
-                        tg.cancel_scope.cancel()
-                        return
+                async def watch_signals() -> None:
+                    with anyio.open_signal_receiver(
+                        signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                    ) as signals:
+                        async for signum in signals:
+                            if signum == signal.SIGHUP:
+                                log.info("reloading the policies", signal="SIGHUP")
+                                await daemon.reload(start)
+                                continue
+                            log.info("stopping", signal=signal.Signals(signum).name)
+                            tg.cancel_scope.cancel()
+                            return
 
-            tg.start_soon(watch_signals)
-            await daemon.serve()
+                tg.start_soon(watch_signals)
+                await daemon.serve()
