@@ -51,6 +51,10 @@ class CloudflareError(RemoteError):
         self.detail = detail or message  # Cloudflare's own words, without the request line
 
 
+class GraphQLAnswerError(CloudflareError):
+    """Cloudflare's GraphQL API answered, with errors instead of data (a 200 with ``errors``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LiveDeployment:
     """A deployment as the API returns it."""
@@ -218,7 +222,7 @@ class CloudflareClient:
                 if isinstance(first.get("extensions"), dict)
                 else None
             )
-            raise CloudflareError(
+            raise GraphQLAnswerError(
                 f"GraphQL error: {str(first.get('message', errors))[:200]}"
                 + (f" ({code})" if code else "")
             )
