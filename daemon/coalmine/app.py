@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from coalmine import __version__
 from coalmine.cloudflare.actuator import Actuator
 from coalmine.cloudflare.budgets import TokenBucket
-from coalmine.cloudflare.client import CloudflareClient, CloudflareError
+from coalmine.cloudflare.client import CloudflareClient, CloudflareError, GraphQLAnswerError
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
 from coalmine.errors import CoalmineError, ConfigError, LocalError, StoreError
@@ -205,6 +205,9 @@ class Daemon:
             try:
                 problem = await source.check_schema()
                 break
+            except GraphQLAnswerError as exc:  # introspection refused: the query may still work
+                log.warning("analytics schema not checked: introspection refused", error=str(exc))
+                return None
             except CloudflareError as exc:
                 log.warning("analytics schema check: Cloudflare did not answer", error=str(exc))
                 await anyio.sleep(retry_every)

@@ -377,6 +377,8 @@ class ScriptLoop:
         operator acts, and page once with Cloudflare's reason."""
         saved = intent.body.get("state_before")
         state = RolloutState.from_json(saved) if isinstance(saved, dict) else self.state
+        if (state.canary, state.stable) == (self.state.canary, self.state.stable):
+            state.rules = dict(self.state.rules)  # what rules saw since stays: a `for` runs on
         entry, page, self._refusal = withdrawal(intent, applied, state.phase.value, now)
         await self._shared.store.commit(self.script, state.to_json(), [entry], [page], now)
         self.state = state

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 
 from coalmine.engine import RolloutPhase
-from coalmine.simulator.graphql import SCHEMA_FILE, AnalyticsLimits, load_schema
+from coalmine.simulator.graphql import SCHEMA_FILE, AnalyticsLimits, error_body, load_schema
 from coalmine.sources import Target
 from coalmine.sources.cloudflare import CHECK, FILTER_TYPE, CloudflareAnalytics
 from tests.e2e.harness import harness, served
@@ -46,6 +47,32 @@ async def test_start_up_check_passes_on_the_shipped_schema(tmp_path: Path) -> No
     async with harness(tmp_path) as h:
         assert await h.daemon.check_analytics_schema() is None
         assert h.daemon.health.snapshot()[CHECK]["status"] == "healthy"
+
+
+async def test_start_up_check_waits_for_cloudflare_then_checks(tmp_path: Path) -> None:
+    """GraphQL down (503) for the first attempts: the check tries again until Cloudflare
+    answers, then finds nothing missing."""
+    async with harness(tmp_path) as h:
+        h.sim.cloudflare.inject(method="POST", path="*/graphql", status=503, times=6)
+        with anyio.fail_after(10):
+            assert await h.daemon.check_analytics_schema(retry_every=0.01) is None
+        graphql = [r.status for r in h.sim.cloudflare.requests if r.path.endswith("/graphql")]
+        assert graphql[-1] == 200 and graphql.count(503) == 6
+        assert h.daemon.health.snapshot()[CHECK]["status"] == "healthy"
+
+
+async def test_refused_introspection_is_not_taken_for_a_missing_field(tmp_path: Path) -> None:
+    """If Cloudflare answers the introspection with errors, nothing is reported missing, no
+    page goes out, and the rules keep using the query."""
+    async with harness(tmp_path) as h:
+        refused = error_body("introspection is not allowed", "authz")
+        h.sim.cloudflare.inject(method="POST", path="*/graphql", status=200, body=refused)
+        assert await h.daemon.check_analytics_schema(retry_every=0.01) is None
+        source = h.daemon.shared.sources["cloudflare"]
+        assert isinstance(source, CloudflareAnalytics) and source.schema_problem is None
+        assert CHECK not in h.daemon.health.snapshot()
+        await h.tick()
+        assert [p for p in h.sim.pages if p["dedup_key"] == f"coalmine/{CHECK}"] == []
 
 
 async def test_sampled_windows_count_what_was_kept(tmp_path: Path) -> None:

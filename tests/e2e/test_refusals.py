@@ -119,6 +119,29 @@ async def test_a_change_cloudflare_refuses_for_good_is_withdrawn_once(tmp_path: 
         assert refusal_pages(h) == ["trigger", "resolve"]
 
 
+async def test_a_change_refused_for_good_after_a_transient_failure_is_withdrawn(
+    tmp_path: Path,
+) -> None:
+    """The 50% step first meets a 503 (kept, retried next tick), then a 400 10021: withdrawn
+    at that tick, back at 10%, the refusal paged once, no more POSTs."""
+    async with harness(tmp_path, policy=POLICY) as h:
+        refusal = {
+            "success": False,
+            "errors": [{"code": 10021, "message": "versions[0].percentage is invalid"}],
+            "messages": [],
+            "result": None,
+        }
+        h.sim.cloudflare.inject(method="POST", path="*/deployments", status=503, times=1)
+        await h.run_until(lambda h: "set_traffic" in h.actions(), timedelta(minutes=3))
+        assert [status for _, status in posts(h)] == [503]  # kept, to be retried
+        h.sim.cloudflare.inject(method="POST", path="*/deployments", status=400, body=refusal)
+        for _ in range(4):
+            await h.tick()
+        assert [status for _, status in posts(h)] == [503, 400]  # then not retried
+        assert (h.phase, h.loop.state.canary_percent) == (RolloutPhase.CANARY, 10)
+        assert refusal_pages(h) == ["trigger"]
+
+
 @pytest.mark.parametrize(
     ("status", "codes", "kind", "for_good"),
     [

@@ -65,6 +65,14 @@ async def test_graphql_429_storm_does_not_delay_a_due_rollback(tmp_path: Path) -
         )
         await h.ticks(3, held_at=10)
         assert_degraded(await health(client), "cloudflare_analytics")
+        metrics = (await client.get("/metrics")).text
+        assert 'coalmine_cloudflare_budget_tokens{api="graphql"} 0.0' in metrics
+        rest = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith('coalmine_cloudflare_budget_tokens{api="rest"}')
+        )
+        assert float(rest.split()[-1]) > 1  # REST spends from its own budget
 
         assert h.prometheus is not None
         h.prometheus.inject(path="/api/v1/query", status=200, body=vector(0, "0.05"), times=None)

@@ -109,6 +109,19 @@ async def test_account_based_limits_slow_graphql_to_one_query_a_second() -> None
     assert slowed == pytest.approx([1.0] * 5)
 
 
+async def test_the_account_based_header_on_a_rest_answer_changes_nothing() -> None:
+    """The header only concerns GraphQL: on a REST answer it does not slow REST down."""
+    clock = Clock()
+    answer = ok({"deployments": []})
+    answer.headers["X-Rate-Limit-Type"] = "account-based"
+    async with httpx.AsyncClient(transport=httpx.MockTransport(lambda _: answer)) as http:
+        cf = client(http, clock)
+        for _ in range(5):
+            await cf.deployments("api")
+    assert clock.slept == []
+    assert cf.budgets["rest"].capacity == 60.0
+
+
 def test_graphql_bucket_keeps_its_own_budget() -> None:
     """The GraphQL bucket spends at most its budget (plus its burst) in 5 minutes, apart from
     REST's; it keeps no write reserve (no write goes through GraphQL)."""

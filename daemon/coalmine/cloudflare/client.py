@@ -51,6 +51,10 @@ class CloudflareError(RemoteError):
         self.detail = detail or message  # Cloudflare's own words, without the request line
 
 
+class GraphQLAnswerError(CloudflareError):
+    """Cloudflare's GraphQL API answered, with errors instead of data (a 200 with ``errors``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LiveDeployment:
     """A deployment as the API returns it."""
@@ -218,7 +222,7 @@ class CloudflareClient:
                 if isinstance(first.get("extensions"), dict)
                 else None
             )
-            raise CloudflareError(
+            raise GraphQLAnswerError(
                 f"GraphQL error: {str(first.get('message', errors))[:200]}"
                 + (f" ({code})" if code else "")
             )
@@ -302,14 +306,18 @@ class CloudflareClient:
         if self._observe:
             failure = _failure(response.status_code, body)
             self._observe(_dependency(url), time.perf_counter() - started, failure)
+        if bucket is self._graphql_limiter and _account_based(response):
+            bucket.at_most_per_second(1.0)  # Cloudflare's account-based GraphQL mode: 1 query/s
         return _judge(response, body, bucket, f"{method} {_path(url)}: ")
+
+
+def _account_based(response: httpx.Response) -> bool:
+    return bool(response.headers.get("x-rate-limit-type", "").lower() == "account-based")
 
 
 def _judge(response: httpx.Response, body: Any, bucket: TokenBucket, prefix: str) -> Any:
     """The body of a good answer; a bad one raises (:class:`Retryable` when worth retrying)."""
     status = response.status_code
-    if response.headers.get("x-rate-limit-type", "").lower() == "account-based":
-        bucket.at_most_per_second(1.0)  # Cloudflare's account-based mode: 1 request/s
     if status == 429:
         after = _seconds(response.headers.get("retry-after"), default=60.0)
         bucket.block(after)  # the next attempt's take() waits it out, on this API only

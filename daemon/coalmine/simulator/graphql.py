@@ -265,7 +265,13 @@ def _groups(
     rows = [
         (script, row)
         for script in _chosen(world.scripts(), where, "scriptName")
-        for row in world.rows(script, start, end, complete_before=now - limits.delay)
+        for row in world.rows(
+            script,
+            start,
+            end,
+            versions=where.get("scriptVersion_in"),
+            complete_before=now - limits.delay,
+        )
         if _allowed(row.version, where, "scriptVersion")
     ]
     groups = _grouped(rows, _dimensions(info), max(1, limits.sample_interval))
