@@ -278,8 +278,13 @@ class _Protocol(H11Protocol):
         """Count the connection against the cap, and start its request-head clock."""
         super().connection_made(transport)  # type: ignore[arg-type]
         sock = transport.get_extra_info("socket")
-        if sock is not None:  # the kernel's share of a stalled peer's backlog, bounded
+        if sock is not None:
             with suppress(OSError):
+                # asyncio sets TCP_NODELAY only on sockets whose protocol number says TCP, and
+                # one accepted from socket.create_server's says 0: without it an answer's
+                # head and body meet Nagle and delayed ACKs (40 ms a request)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # the kernel's share of a stalled peer's backlog, bounded
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.idle_since = time.monotonic()
         self.watch.admit(self)
