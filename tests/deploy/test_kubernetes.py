@@ -268,3 +268,11 @@ def test_service_and_servicemonitor_reach_the_pods() -> None:
         assert endpoint.get("path", "/metrics") == "/metrics"
         for key in ("interval", "scrapeTimeout"):
             assert DURATION.match(endpoint.get(key, "0")), f"{key}: {endpoint.get(key)!r}"
+
+
+def test_the_fd_limit_is_documented_for_kubernetes() -> None:
+    """Pods have no fd-limit field: the manifest and docs/deploy.md say what applies instead."""
+    manifest = (FOLDER / "deployment.yaml").read_text()
+    assert "File descriptors" in manifest and "ulimit -n" in manifest
+    kubernetes = (ROOT / "docs" / "deploy.md").read_text().split("## Kubernetes", 1)[1]
+    assert "ulimit -n" in kubernetes.split("\n## ", 1)[0]

@@ -140,6 +140,12 @@ def test_unit_has_the_required_hardening(service: list[tuple[str, str]]) -> None
         assert len(values(service, key)) == 1, f"{key}= set more than once"
 
 
+def test_unit_raises_the_fd_limit(service: list[tuple[str, str]]) -> None:
+    """LimitNOFILE= is set once and well above systemd's 1,024 default (connection cap room)."""
+    (limit,) = values(service, "LimitNOFILE")
+    assert int(limit.split(":")[0]) >= 4096
+
+
 def test_unit_environment_is_valid_and_matches_its_directories(
     service: list[tuple[str, str]],
 ) -> None:

@@ -234,3 +234,16 @@ async def test_a_command_no_tick_took_is_withdrawn_not_applied_later(tmp_path: P
         assert h.loop._pending == []
         await h.tick()
         assert h.loop.state.canary_percent == 10  # the withdrawn promote never happened
+
+
+async def test_accept_errors_show_in_health(tmp_path: Path) -> None:
+    """An accept error (EMFILE) makes /health degraded with a failing `http` check, until accepting works again."""
+    async with harness(tmp_path) as h, served(h) as client:
+        h.daemon.accepting("accepting connections failed: [Errno 24] Too many open files")
+        failing = (await client.get("/health")).json()
+        h.daemon.accepting(None)
+        recovered = (await client.get("/health")).json()
+    assert failing["status"] == "degraded"
+    assert failing["checks"]["http"]["status"] == "failing"
+    assert "Too many open files" in failing["checks"]["http"]["error"]
+    assert recovered["checks"]["http"]["status"] == "healthy"

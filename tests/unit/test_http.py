@@ -259,3 +259,26 @@ def _open_fds() -> int:
     import os
 
     return len(os.listdir("/proc/self/fd"))
+
+
+async def test_answers_are_not_held_back_by_nagle() -> None:
+    """Accepted sockets have TCP_NODELAY (asyncio skips it for sockets from create_server)."""
+    from coalmine.server import http
+
+    seen: list[int] = []
+
+    async def nodelay(scope: Scope, receive: Receive, send: Send) -> None:
+        connection = http._CONNECTION.get()
+        assert connection is not None
+        sock = connection.transport.get_extra_info("socket")
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            lambda task_status: serve(nodelay, "127.0.0.1", 0, task_status=task_status)
+        )
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{port}/")).status_code == 200
+        tg.cancel_scope.cancel()
+    assert seen == [1]

@@ -21,7 +21,8 @@ What uvicorn leaves open is closed here, per :class:`Limits`:
   to drain, so a peer that never reads would keep its connection and its queued answer for
   ever. A sweep every :data:`SWEEP_EVERY` seconds aborts any connection whose send buffer has
   not shrunk for ``write_timeout`` (transport level: it covers answers queued whole as well as
-  those waiting for the peer).
+  those waiting for the peer). The kernel's send buffer per connection is capped at
+  :data:`SEND_BUFFER`, so a peer that never reads stalls the buffer soon and holds little.
 - **accept errors** (EMFILE, ENFILE, ...): asyncio already survives them (it stops accepting for
   a second and retries); they are reported through ``on_accept`` so ``/health`` can say so,
   and never escape the task group.
@@ -49,7 +50,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 MAX_BODY = 64 * 1024
 ACCEPT_RETRY_DELAY = 1.0  # asyncio's: after an accept error it listens again this much later
-SWEEP_EVERY = 1.0  # seconds between checks of head, body and write timeouts
+SEND_BUFFER = 256 * 1024  # kernel send buffer per connection (Linux may autotune it to 4 MiB)
+SWEEP_EVERY = 1.0
+# asyncio accepts up to its backlog argument at once, before any connection is counted against
+# the cap: keep that batch inside FD_RESERVE, and the kernel's queue of pending ones long.
+ACCEPT_BATCH = 64
+LISTEN_BACKLOG = 1024  # seconds between checks of head, body and write timeouts
 FD_RESERVE = 256  # file descriptors kept for everything but inbound connections
 DEFAULT_MAX_CONNECTIONS = 1024
 
@@ -93,7 +99,7 @@ async def serve(
     ``on_accept`` hears an accept error's text when accepting starts failing (EMFILE, ...) and
     ``None`` once a connection is accepted again.
     """
-    sock = socket.create_server((host, port), family=_family(host), backlog=1024)
+    sock = socket.create_server((host, port), family=_family(host), backlog=LISTEN_BACKLOG)
     watch = _Watch(limits, on_accept or (lambda _error: None), sock)
     protocol = type("CoalmineH11Protocol", (_Protocol,), {"watch": watch})
     config = uvicorn.Config(
@@ -108,7 +114,10 @@ async def serve(
         proxy_headers=False,
         server_header=False,
         date_header=False,
-        limit_concurrency=watch.cap + 1,  # connections are capped below; this caps tasks
+        backlog=ACCEPT_BATCH,
+        # connections are capped (plus one accept batch, transiently) by _Watch.admit: this
+        # caps the tasks answering requests, a backstop that a 503 would announce
+        limit_concurrency=watch.cap + ACCEPT_BATCH + 1,
         timeout_keep_alive=max(1, round(limits.keep_alive)),
         h11_max_incomplete_event_size=limits.max_header,
     )
@@ -149,6 +158,8 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """Listen, then report readiness."""
         await super().startup(sockets)
+        for sock in sockets or []:  # asyncio listened with the batch size: queue more
+            sock.listen(LISTEN_BACKLOG)
         self._ready.started()
 
     async def main_loop(self) -> None:
@@ -193,20 +204,29 @@ class _Watch:
         self._sock = sock
         self.accept_failing = False
         self.accept_failed_at = -ACCEPT_RETRY_DELAY
+        # open connections, longest idle first (dicts keep insertion order): O(1) eviction
+        self.open: dict[_Protocol, None] = {}
 
     def admit(self, new: _Protocol) -> None:
-        """A connection was accepted: evict the longest-idle one if past the cap."""
+        """A connection was accepted: past the cap, reset the longest-idle one."""
         if self.accept_failing:
             self.accept_failing = False
             self._on_accept(None)
-        connections = new.connections
-        if len(connections) <= self.cap:
-            return
-        idle = [c for c in connections if c is not new and isinstance(c, _Protocol) and c.idle]
-        if idle:
-            _reset(min(idle, key=lambda c: c.idle_since).transport)
-        else:
-            _reset(new.transport)
+        self.open[new] = None
+        while len(self.open) > self.cap:
+            victim = next((c for c in self.open if c is not new and c.idle), new)
+            self.forget(victim)
+            _reset(victim.transport)
+
+    def rested(self, connection: _Protocol) -> None:
+        """The connection answered: it is now the most recently idle."""
+        if connection in self.open:
+            self.open.pop(connection)
+            self.open[connection] = None
+
+    def forget(self, connection: _Protocol) -> None:
+        """The connection is closed, or being reset."""
+        self.open.pop(connection, None)
 
     async def sweep_forever(self, connections: set[Any]) -> None:
         """Every :data:`SWEEP_EVERY` seconds, drop connections past their timeouts."""
@@ -257,13 +277,28 @@ class _Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Count the connection against the cap, and start its request-head clock."""
         super().connection_made(transport)  # type: ignore[arg-type]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with suppress(OSError):
+                # asyncio sets TCP_NODELAY only on sockets whose protocol number says TCP, and
+                # one accepted from socket.create_server's says 0: without it an answer's
+                # head and body meet Nagle and delayed ACKs (40 ms a request)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # the kernel's share of a stalled peer's backlog, bounded
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.idle_since = time.monotonic()
         self.watch.admit(self)
 
     def on_response_complete(self) -> None:
         """The answer is queued: the next request head's clock starts."""
         self.idle_since = time.monotonic()
+        self.watch.rested(self)
         super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Closed: no longer counted against the cap."""
+        self.watch.forget(self)
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         """Parse; a request's task starts here and knows its connection (:func:`abort`)."""
@@ -278,6 +313,10 @@ class _Protocol(H11Protocol):
         """No request is being answered."""
         return self.cycle is None or self.cycle.response_complete
 
+    def _drop(self) -> None:
+        self.watch.forget(self)
+        _reset(self.transport)
+
     def check(self, now: float, limits: Limits) -> None:
         """Drop the connection if its head, body or peer's reading is overdue."""
         transport = self.transport
@@ -288,11 +327,11 @@ class _Protocol(H11Protocol):
             self._stalled_since = now
         self._buffered = buffered
         if self._stalled_since is not None and now - self._stalled_since > limits.write_timeout:
-            _reset(transport)  # the peer does not read: close() would wait for it for ever
+            self._drop()  # the peer does not read: close() would wait for it for ever
         elif (
             self.idle and not transport.is_closing() and now - self.idle_since > limits.head_timeout
         ):
-            _reset(transport)  # no whole request head in time (slowloris)
+            self._drop()  # no whole request head in time (slowloris)
 
 
 _NO_LINGER = struct.pack("ii", 1, 0)
