@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -189,8 +189,11 @@ class SqliteStore:
             raise StoreError(f"state database {self.path} was replaced: not restoring over it")
         part = target.with_name(target.name + ".restoring")
         try:
-            with closing(sqlite3.connect(part)) as copy:
+            copy = sqlite3.connect(part)
+            try:
                 self._db.backup(copy)
+            finally:
+                copy.close()
             os.link(part, target)  # fails if someone put a file there meanwhile
         except (OSError, sqlite3.Error) as exc:
             part.unlink(missing_ok=True)
