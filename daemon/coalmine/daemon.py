@@ -4,7 +4,11 @@ Each tick of a script, in order: apply any traffic change still pending (after a
 failed call), read the live deployment, apply queued operator commands, fetch every active
 rule's observation for both versions concurrently (each with a timeout), run the engine, then
 persist state, journal entries, notifications and traffic intents in one transaction, and only
-then call Cloudflare. Loops run at ``analysis.interval`` while a canary is active and at
+then call Cloudflare. When the store cannot commit, progress waits for its durable intent, but
+the rest goes on: the state in memory, and a tick's decisions (a rollback, its critical page)
+carried out at once and kept by :mod:`coalmine.guard` until the store takes them.
+
+Loops run at ``analysis.interval`` while a canary is active and at
 ``COALMINE_DISCOVERY_INTERVAL`` otherwise, on a fixed schedule: no overlapping polls, no drift,
 missed ticks coalesced.
 """

@@ -7,10 +7,13 @@
   actuator as usual, its critical pages sent at once past the stored outbox and retried from
   memory until delivered (or, the store back, handed to the outbox);
 - :meth:`Guard.watch`: every few seconds, the identity of the store found at its location
-  against the one opened at start. A database deleted, replaced, truncated or overwritten under
-  the daemon is *lost*: nothing is written to it, no rollout advances, coalmine pages once
-  (critical, dedup key :data:`STORE_PAGE_KEY`), /health is unhealthy and /readyz fails. Found
-  again (the same file back in place), what was kept is written and the page resolved;
+  against the one opened at start. A database deleted under the daemon is written back from
+  the open file where the backend can (:class:`~coalmine.store.base.Restorable`: SQLite).
+  One that cannot be written back, or was replaced, truncated or overwritten, is *lost*:
+  nothing is written to it, no rollout advances, coalmine pages once (critical, dedup key
+  :data:`STORE_PAGE_KEY`), /health is unhealthy and /readyz fails. Found again (written back
+  once its folder is there again, or the same file back in place), what was kept is written
+  and the page resolved;
 - :meth:`Guard.settle`: retry the pages and the writing of what is kept (each tick, and every
   second in :meth:`Guard.run`).
 """
@@ -30,6 +33,7 @@ from coalmine.errors import StoreError
 from coalmine.notify.outbox import DeliveryError, Outbox
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
+from coalmine.store.base import Restorable
 from coalmine.store.kept import KeepingStore
 from coalmine.store.records import NewEntry, NewIntent, NewNotification, StoreIdentity
 
@@ -154,6 +158,25 @@ class Guard:
         await self.settle()
 
     async def _problem(self) -> str | None:
+        """What is wrong with the store at its location, after restoring a deleted database
+        from its open file where the backend can (SQLite)."""
+        problem = await self._check()
+        inner = self.store.inner
+        if problem is None or not isinstance(inner, Restorable):
+            return problem
+        try:
+            await inner.restore()
+        except StoreError as exc:
+            log.debug("state store not restored", error=str(exc))
+            return problem
+        log.error(
+            "state database deleted under coalmine: written back from its open file",
+            location=self.store.location,
+            problem=problem,
+        )
+        return await self._check()
+
+    async def _check(self) -> str | None:
         try:
             identity = await self.store.identity()
         except StoreError as exc:

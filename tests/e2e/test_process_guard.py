@@ -2,8 +2,8 @@
 
 - an unusable state database at start (missing or read-only folder, garbage, a newer schema)
   is exit 2 naming the file and the cause, never "internal error" (exit 70);
-- the database file deleted under the running process: /readyz fails, /health is unhealthy,
-  one critical page, and it still stops on SIGTERM with exit 0;
+- the state folder removed under the running process: /readyz fails, /health is unhealthy,
+  one critical page; the folder back: written back, ready, resolved; SIGTERM still exits 0;
 - SIGHUP reloads the policies: a valid set adds and removes scripts, an invalid set is refused
   with a warning and the running policies stay.
 """
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,12 +19,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 
 from coalmine.guard import STORE_PAGE_KEY
+from coalmine.store.sqlite import SqliteStore
 from tests.e2e.test_process import at_percent, get_json, simulated, start, url, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -135,35 +138,27 @@ def test_a_read_only_state_folder_at_start_is_exit_2_naming_file_and_cause(
     assert "internal error" not in result.stderr
 
 
-async def test_a_state_file_deleted_under_the_process_fails_readiness_and_pages_once(
+async def test_a_state_folder_removed_under_the_process_fails_readiness_and_pages_once(
     tmp_path: Path,
 ) -> None:
-    """The database deleted while `coalmine run` runs: /readyz 503, /health unhealthy, one
-    critical page under coalmine/state-store; SIGTERM still stops it with exit 0."""
+    """The state folder removed while `coalmine run` runs: /readyz 503, /health unhealthy, one
+    critical page under coalmine/state-store; the folder back: the database is written back
+    from the open file, ready again, the page resolved; SIGTERM still stops it with exit 0."""
     async with simulated(tmp_path) as (sim, env):
+        folder = tmp_path / "state"
+        folder.mkdir()
+        env["COALMINE_STATE_URL"] = f"sqlite:///{folder / 'state.db'}"
         process = start(env, tmp_path / "run.log")
         try:
-
-            async def is_ready() -> bool:
-                try:
-                    async with httpx.AsyncClient() as client:
-                        return (await client.get(url(env) + "/readyz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(is_ready)
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{tmp_path / 'state.db'}{suffix}").unlink(missing_ok=True)
+            await wait_for(lambda: readiness(env, 200))
+            shutil.rmtree(folder)
 
             async def lost() -> bool:
-                async with httpx.AsyncClient() as client:
-                    health = (await client.get(url(env) + "/health")).json()
-                    readyz = await client.get(url(env) + "/readyz")
+                health = await get_any(env, "/health")
                 store_pages = [p for p in sim.pages if p["dedup_key"] == STORE_PAGE_KEY]
                 return (
                     health["status"] == "unhealthy"
-                    and readyz.status_code == 503
-                    and "deleted" in readyz.text
+                    and await readiness(env, 503, "deleted")
                     and len(store_pages) == 1
                 )
 
@@ -171,13 +166,36 @@ async def test_a_state_file_deleted_under_the_process_fails_readiness_and_pages_
             async with httpx.AsyncClient() as client:
                 metrics = (await client.get(url(env) + "/metrics")).text
             assert "coalmine_store_lost 1.0" in metrics
+            folder.mkdir()
+            await wait_for(lambda: readiness(env, 200))
+            assert (folder / "state.db").is_file()
         finally:
             process.send_signal(signal.SIGTERM)
             code = await anyio.to_thread.run_sync(lambda: process.wait(timeout=30))
         assert code == 0, (tmp_path / "run.log").read_text()
         store_pages = [p for p in sim.pages if p["dedup_key"] == STORE_PAGE_KEY]
-        assert len(store_pages) == 1
+        assert [p["event_action"] for p in store_pages] == ["trigger", "resolve"]
         assert store_pages[0]["payload"]["severity"] == "critical"
+        with SqliteStore(folder / "state.db") as store:
+            assert store.verify_journal().ok
+            assert store.verify_journal().entries >= 1  # the journal from before, written back
+
+
+async def readiness(env: dict[str, str], status: int, text: str = "") -> bool:
+    """Whether /readyz answers ``status`` (with ``text`` in its body)."""
+    try:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(url(env) + "/readyz")
+    except httpx.TransportError:
+        return False
+    return response.status_code == status and text in response.text
+
+
+async def get_any(env: dict[str, str], path: str) -> dict[str, Any]:
+    """GET a JSON endpoint whatever its status."""
+    async with httpx.AsyncClient() as client:
+        body: dict[str, Any] = (await client.get(url(env) + path)).json()
+    return body
 
 
 def replace_policy(path: Path, text: str) -> None:

@@ -15,12 +15,14 @@ Both faults are made from a second SQLite connection, as another process would m
 - *read-only*: the database and its WAL made immutable (``chattr +i``: read-only to root too;
   skipped, saying why, where the file system has no such flag). Not the ``-shm`` file: SQLite
   maps it, and a write to it then kills the process with SIGBUS;
-- *lost*: the file deleted, moved away, or overwritten with garbage while the daemon runs.
+- *lost*: the file deleted (written back from the open file), its folder removed (lost until
+  the folder is back), or overwritten with garbage while the daemon runs.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -390,23 +392,28 @@ async def lost_then_breach(h: FaultHarness, client: httpx.AsyncClient) -> None:
     assert created == genesis.created_at.timestamp()
 
 
-async def test_a_state_file_deleted_under_the_daemon_is_noticed_and_a_breach_rolls_back(
+async def test_a_state_file_deleted_under_the_daemon_is_written_back_and_a_breach_rolls_back(
     tmp_path: Path,
 ) -> None:
-    """The database file is deleted while coalmine runs: noticed, paged once, no advance, a
-    breach still rolls back and pages once; the decisions since wait in memory."""
+    """The database file (and its -wal, -shm) deleted while coalmine runs: written back at its
+    path from the open file at the next check, identity kept; a breach then rolls back in
+    time, pages once, and the journal holds every decision, from before the deletion on."""
     async with (
         fault_harness(tmp_path, policy=PROMETHEUS_POLICY, fake_prometheus=True) as h,
         served(h) as client,
     ):
         await h.ticks(1, held_at=10)
+        genesis = h.daemon.shared.guard.expected
         for suffix in ("", "-wal", "-shm"):
             Path(h.db.path + suffix).unlink(missing_ok=True)
-        await lost_then_breach(h, client)
-        kept = h.daemon.shared.guard.store.kept_ticks()
-        assert [e.action for t in kept for e in t.entries] == [a for a in h.actions()[1:]], (
-            "every decision since the loss is kept"
-        )
+        await breach_rolls_back_in_time(h)
+        assert h.db.identity() == genesis
+        await h.ticks(2)
+        assert_healthy(await health(client))
+        assert len(rollback_pages(h)) == 1
+        assert store_pages(h) == []
+        assert_journal_complete(h)
+        assert_delivered_once(h)
 
 
 async def test_a_state_file_overwritten_with_garbage_is_noticed_and_a_breach_rolls_back(
@@ -424,20 +431,22 @@ async def test_a_state_file_overwritten_with_garbage_is_noticed_and_a_breach_rol
         await lost_then_breach(h, client)
 
 
-async def test_a_state_file_moved_away_and_back_is_lost_then_found_and_journaled(
+async def test_a_state_folder_removed_is_lost_and_found_again_when_it_is_back(
     tmp_path: Path,
 ) -> None:
-    """The database file is moved away (lost: nothing written to it, a breach rolls back) and
-    put back: found, the page resolved, and the journal holds every decision, in order."""
+    """The whole state folder removed (nowhere to write the database back): lost, paged once,
+    nothing advances, a breach rolls back; the folder back: the database is written back, the
+    page resolved, and the journal holds every decision, in order."""
+    folder = tmp_path / "state"
+    folder.mkdir()
     async with (
-        fault_harness(tmp_path, policy=PROMETHEUS_POLICY, fake_prometheus=True) as h,
+        fault_harness(folder, policy=PROMETHEUS_POLICY, fake_prometheus=True) as h,
         served(h) as client,
     ):
         await h.ticks(1, held_at=10)
-        path = Path(h.db.path)
-        path.rename(tmp_path / "elsewhere.db")
+        shutil.rmtree(folder)
         await lost_then_breach(h, client)
-        (tmp_path / "elsewhere.db").rename(path)
+        folder.mkdir()
         await h.ticks(2)
         assert_healthy(await health(client))
         assert len(store_pages(h, "resolve")) == 1

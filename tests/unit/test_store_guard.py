@@ -210,3 +210,34 @@ async def test_what_is_kept_is_written_at_stop_if_the_store_takes_it(tmp_path: P
     await store.last_flush()
     assert store.kept == []
     assert [e.action for e in sync.journal()] == ["rollback"]
+
+
+def test_a_deleted_database_is_written_back_from_the_open_file(tmp_path: Path) -> None:
+    """restore() after the file (and its -wal, -shm) was deleted: the same identity, journal
+    and state at the path, and writes after it survive a reopen."""
+    path = tmp_path / "state.db"
+    store = SqliteStore(path)
+    store.commit("api", {"n": 1}, [entry(1, "start")], now=at(1))
+    identity = store.identity()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    store.restore()
+    assert store.identity() == identity
+    store.commit("api", {"n": 2}, [entry(2, "warn")], now=at(2))
+    store.close()
+    with SqliteStore(path) as again:
+        assert again.identity() == identity
+        assert [e.action for e in again.journal()] == ["start", "warn"]
+        assert again.states() == {"api": {"n": 2}}
+        assert again.verify_journal().ok
+
+
+def test_a_replaced_database_is_not_overwritten_by_restore(tmp_path: Path) -> None:
+    """restore() refuses when another file is at the path: nothing is overwritten."""
+    path = tmp_path / "state.db"
+    with SqliteStore(path) as store:
+        path.unlink()
+        path.write_bytes(b"someone else's file")
+        with pytest.raises(StoreError, match="replaced"):
+            store.restore()
+        assert path.read_bytes() == b"someone else's file"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from coalmine.store.records import (
     Intent,
@@ -93,4 +93,14 @@ class StateStore(Protocol):
 
     async def aclose(self) -> None:
         """Release the store's connections."""
+        ...
+
+
+@runtime_checkable
+class Restorable(Protocol):
+    """A store that can write itself back to its location from the open connection when its
+    file was deleted under the running daemon (SQLite: the deleted file lives on while open)."""
+
+    async def restore(self) -> None:
+        """Put the store back at its location; raise StoreError if it cannot."""
         ...

@@ -178,6 +178,43 @@ class SqliteStore(SqliteLeaseOps):
         """Close the database."""
         self._db.close()
 
+    def restore(self) -> None:
+        """Write the database back to :attr:`path` from the open connection, after its file
+        was deleted under it (the deleted file lives on while it is open), and use the new
+        file from then on: journal, state, intents and outbox as they were, identity kept.
+
+        Raises StoreError when the path is taken (replaced: nothing is overwritten) or the
+        copy cannot be made (a missing folder, a full disk).
+        """
+        target = Path(self.path)
+        if target.exists():
+            raise StoreError(f"state database {self.path} was replaced: not restoring over it")
+        part = target.with_name(target.name + ".restoring")
+        try:
+            copy = sqlite3.connect(part)
+            try:
+                self._db.backup(copy)
+            finally:
+                copy.close()
+            os.link(part, target)  # fails if someone put a file there meanwhile
+        except (OSError, sqlite3.Error) as exc:
+            part.unlink(missing_ok=True)
+            raise StoreError(f"state database {self.path} cannot be restored: {exc}") from None
+        part.unlink()
+        self._db.close()  # its -wal and -shm belong to the deleted file: never to the copy
+        for suffix in ("-wal", "-shm"):
+            Path(self.path + suffix).unlink(missing_ok=True)
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=2.0
+            )
+            self._file = _file_id(self.path)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"state database {self.path}: restored, not reopened: {exc}") from None
+
     def __enter__(self) -> SqliteStore:
         return self
 
@@ -498,6 +535,10 @@ class ThreadedSqlite:
     async def identity(self) -> StoreIdentity:
         """See :meth:`SqliteStore.identity` (its own connection: not behind the writer)."""
         return await anyio.to_thread.run_sync(self.sync.identity)
+
+    async def restore(self) -> None:
+        """See :meth:`SqliteStore.restore` (behind the writer: no write is lost in between)."""
+        await self._run(self.sync.restore)
 
     async def commit(
         self,
