@@ -20,6 +20,7 @@ from typing import Any
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError, LiveDeployment
 from coalmine.engine import Decision
 from coalmine.store.base import StateStore
+from coalmine.store.leases import ACTING_FOR
 from coalmine.store.records import Intent, NewEntry, NewIntent
 
 TRAFFIC_ACTIONS = ("set_traffic", "promote", "rollback")
@@ -94,6 +95,13 @@ class Actuator:
 
     async def apply(self, intent: Intent) -> Applied:
         """Make the live deployment what the intent says (once), verify, and record it."""
+        acting = ACTING_FOR.set(intent.script)  # replicas: no call goes out once it is lost
+        try:
+            return await self._apply(intent)
+        finally:
+            ACTING_FOR.reset(acting)
+
+    async def _apply(self, intent: Intent) -> Applied:
         versions = [(str(v), float(p)) for v, p in intent.body["versions"]]
         start = intent.body.get("from")
         live = await self._client.current(intent.script)
