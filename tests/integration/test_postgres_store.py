@@ -3,7 +3,13 @@ many writers append at once, migrations that race safely, and a password that ne
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import anyio
+import httpx
 import pytest
 
 from coalmine.cli import main
@@ -11,6 +17,8 @@ from coalmine.errors import StoreError
 from coalmine.store import open_store
 from coalmine.store.postgres import PostgresStore, connection_string
 from coalmine.store.records import NewEntry, NewIntent, NewNotification
+from tests.e2e.test_process import at_percent, simulated, start, wait_for
+from tests.e2e.test_process import url as daemon_url
 from tests.integration.postgres import PASSWORD, RunningPostgres
 from tests.stores import Backend
 from tests.support import at
@@ -222,3 +230,52 @@ async def test_identity_is_made_once_and_a_new_database_has_another(
             await again.identity()
     finally:
         await again.aclose()
+
+
+async def test_coalmine_run_on_postgres_never_shows_the_password(
+    tmp_path: Path, postgres_server: RunningPostgres, postgres_url: str
+) -> None:
+    """`coalmine run` on a PostgreSQL URL advances a canary and stops cleanly, and the URL's
+    password is in none of its log, /health, /metrics, nor `journal verify`; with a wrong
+    password it stops, and its output (traceback included) does not show the password."""
+    async with simulated(tmp_path) as (_, env):
+        env["COALMINE_STATE_URL"] = postgres_url
+        log = tmp_path / "run.log"
+        process = start(env, log)
+        try:
+            await wait_for(lambda: at_percent(env, 50))
+            async with httpx.AsyncClient() as client:
+                health = (await client.get(daemon_url(env) + "/health")).text
+                metrics = (await client.get(daemon_url(env) + "/metrics")).text
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = await anyio.to_thread.run_sync(lambda: process.wait(timeout=30))
+        assert code == 0, log.read_text()
+        verify = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "coalmine", "journal", "verify"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        )
+        assert verify.returncode == 0, verify.stderr
+        assert verify.stdout.startswith("journal ok: ")
+        for text in (log.read_text(), health, metrics, verify.stdout + verify.stderr):
+            assert PASSWORD not in text
+
+        env["COALMINE_STATE_URL"] = postgres_url.replace(PASSWORD, "wrong-" + PASSWORD)
+        env["COALMINE_DEBUG"] = "1"  # a traceback, if any, must not show it either
+        refused = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "coalmine", "run"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            )
+        )
+        assert refused.returncode != 0
+        assert PASSWORD not in refused.stdout + refused.stderr
