@@ -350,18 +350,18 @@ def _keeper(
 
 async def run_until_signalled(settings: Settings, policies: list[Policy]) -> None:
     """``coalmine run``: the daemon, stopped cleanly by SIGTERM or SIGINT."""
-    async with anyio.create_task_group() as tg:
+    with ExitStack() as stack:
+        if settings.state_url.startswith("sqlite:"):  # SQLite allows one process
+            stack.enter_context(exclusive_file(settings.state_path))
+        async with anyio.create_task_group() as tg:
 
-        async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("stopping", signal=signal.Signals(signum).name)
-                    tg.cancel_scope.cancel()
-                    return
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("stopping", signal=signal.Signals(signum).name)
+                        tg.cancel_scope.cancel()
+                        return
 
-        tg.start_soon(watch_signals)
-        with ExitStack() as stack:
-            if settings.state_url.startswith("sqlite:"):  # SQLite allows one process
-                stack.enter_context(exclusive_file(settings.state_path))
+            tg.start_soon(watch_signals)
             async with open_daemon(settings, policies) as daemon:
                 await daemon.serve()
