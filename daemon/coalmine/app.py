@@ -293,7 +293,7 @@ class Daemon:
         """Wake the loops of scripts just taken; show the holders' state for the others."""
         keeper = self.leases
         assert keeper is not None
-        for script in acquired & self.loops.keys():
+        for script in (acquired | keeper.queued) & self.loops.keys():
             self.loops[script].wake()
         saved = await self.store.states()
         for script, loop in self.loops.items():
@@ -404,6 +404,7 @@ async def open_daemon(
         keeper = _keeper(settings, raw, policies, metrics, replicas)
         if keeper is not None:  # on the way out, after the loops' last writes
             stack.push_async_callback(_step_down, keeper)
+            http.event_hooks = {**http.event_hooks, "request": [keeper.request_hook]}
         actuator = Actuator(cloudflare, store, clock, fence=keeper.check if keeper else None)
         freeze = None
         if any(p.freeze for p in policies):

@@ -8,8 +8,10 @@ The keeper is the only part of a replica that takes, renews and gives up leases 
 3. takes its fair share, ``ceil(scripts / live replicas)``: gives back leases above it (to a
    replica that has fewer), takes free or expired ones below it; and takes the outbox's
    lease when nobody holds it;
-4. tells the daemon what changed (:attr:`on_round`): loops of newly held scripts wake, reload
-   their state and reconcile open intents before judging.
+4. notes the scripts with operator commands forwarded by other replicas;
+5. tells the daemon what changed (:attr:`on_round`): loops of newly held scripts (and of
+   scripts with forwarded commands) wake; new holders reload the state and reconcile open
+   intents before judging.
 
 A replica does not trust a lease longer than it can be sure of it by its *own* monotonic
 clock: a renewal that began at ``t`` makes the lease good locally until ``t + TTL`` less a
@@ -27,12 +29,13 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import httpx
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from coalmine.engine import Command, Decision
 from coalmine.errors import CoalmineError, StoreError
-from coalmine.store.leases import OUTBOX, Fence, LeaseLost, LeaseOps, LeaseRow
+from coalmine.store.leases import ACTING_FOR, OUTBOX, Fence, LeaseLost, LeaseOps, LeaseRow
 
 log = structlog.get_logger("coalmine")
 COMMAND_POLL = 0.1  # seconds between looks for a forwarded command's answer
@@ -125,6 +128,7 @@ class LeaseKeeper:
         self.holdings = Holdings(clock)
         self.live: list[str] = [replica]
         self.table: dict[str, LeaseRow] = {}
+        self.queued: set[str] = set()  # scripts with forwarded commands waiting, as of a round
         self.metrics = LeaseMetrics(registry)
         self.on_round: Callable[[set[str], set[str]], Awaitable[None]] | None = None
         self.on_store: Callable[[bool], None] = lambda ok: None  # whether a round could write
@@ -144,6 +148,14 @@ class LeaseKeeper:
     def fence(self, name: str) -> Fence | None:
         """The lease ``name`` if this replica may act under it now."""
         return self.holdings.get(name)
+
+    async def request_hook(self, request: httpx.Request) -> None:
+        """An HTTP client hook, run as each request goes out (after any rate-limit wait): a
+        call made for a script (:data:`ACTING_FOR`) whose lease this replica no longer holds
+        by its own clock is not sent. A process paused while it waited is caught here."""
+        script = ACTING_FOR.get()
+        if script is not None and self.fence(script) is None:
+            raise LeaseLost(f"lease on {script} lost; {request.method} not sent")
 
     async def check(self, name: str, *, rollback: bool = False) -> None:
         """Raise :class:`LeaseLost` unless the database says the lease is still ours, now.
@@ -189,6 +201,7 @@ class LeaseKeeper:
         for name, epoch in (kept | got).items():
             self.holdings.set(name, Fence(self.replica, epoch), until)
         self.table = {row.name: row for row in await self.store.leases()}
+        self.queued = await self.store.queued()
         self._export(set(got), lost)
         if OUTBOX in lost | set(got):
             self._outbox_changed.set()
@@ -268,7 +281,11 @@ class LeaseKeeper:
         return taken, answer
 
     async def take_commands(self, script: str) -> list[tuple[int, Command]]:
-        """Commands forwarded to this replica, the holder of ``script``."""
+        """Commands forwarded to this replica, the holder of ``script`` (looked for only when
+        a round saw some waiting: a tick costs no query otherwise)."""
+        if script not in self.queued:
+            return []
+        self.queued.discard(script)
         taken = await self.store.take_commands(script, self.replica)
         return [(i, Command(body["kind"], body.get("version"))) for i, body in taken]
 

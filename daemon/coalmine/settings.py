@@ -162,6 +162,15 @@ class Settings(BaseSettings):
             _url(value.get_secret_value())
         return value or None
 
+    @field_validator("replica_id")
+    @classmethod
+    def _check_replica_id(cls, value: str | None) -> str | None:
+        if not value:  # empty: unset
+            return None
+        if len(value) > 200 or not value.isprintable() or any(c.isspace() for c in value):
+            raise ValueError("must be up to 200 printable characters without spaces, e.g. pod-0")
+        return value
+
     @field_validator("lease_ttl")
     @classmethod
     def _check_lease_ttl(cls, value: timedelta) -> timedelta:

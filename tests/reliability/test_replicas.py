@@ -27,6 +27,8 @@ import psycopg
 import pytest
 
 from coalmine.cli.localprom import free_port
+from coalmine.errors import ConfigError
+from coalmine.settings import load_settings
 from coalmine.simulator import Simulator
 from coalmine.store.postgres import PostgresStore
 
@@ -261,3 +263,42 @@ async def test_a_holder_paused_past_its_ttl_sends_nothing_and_steps_down(
             assert writes == [], f"the paused replica wrote after it was stopped: {writes}"
             late = [(r.method, r.path) for r in mine if r.at >= resumed]
             assert late == [], f"the paused replica called Cloudflare after it resumed: {late}"
+
+
+async def test_a_second_coalmine_run_on_one_sqlite_file_is_refused(tmp_path: Path) -> None:
+    """SQLite allows one process: a second `coalmine run` on the file exits 2 naming the first's
+    pid and pointing to PostgreSQL; the first keeps running."""
+    async with cluster(tmp_path, f"sqlite:///{tmp_path / 'state.db'}") as world:
+        world.start("first")
+        first = world.processes["first"]
+
+        def serving() -> bool:
+            try:
+                url = f"http://127.0.0.1:{world.ports['first']}/readyz"
+                return httpx.get(url, timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await until(serving, "the first daemon ready", world)
+        env = {**world.base, "COALMINE_LISTEN": f"127.0.0.1:{free_port()}"}
+        second = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                [sys.executable, "-m", "coalmine", "run"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another coalmine (pid {first.pid})" in second.stderr
+        assert "postgresql://" in second.stderr
+        assert first.poll() is None
+
+
+def test_a_malformed_replica_id_is_refused() -> None:
+    """COALMINE_REPLICA_ID with a space is a clear error naming the variable (empty: unset)."""
+    with pytest.raises(ConfigError, match="COALMINE_REPLICA_ID: must be up to 200 printable"):
+        load_settings({"COALMINE_REPLICA_ID": "pod 0"})
+    assert load_settings({"COALMINE_REPLICA_ID": ""}).replica_id is None

@@ -13,12 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
 from coalmine.errors import ConfigError, StoreError
 from coalmine.replicas import Holdings, LeaseKeeper
-from coalmine.store.leases import OUTBOX, Fence, LeaseLost, exclusive_file
+from coalmine.store.leases import ACTING_FOR, OUTBOX, Fence, LeaseLost, exclusive_file
 from coalmine.store.records import NewEntry, NewIntent
 from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
 
@@ -142,7 +143,9 @@ def test_a_forwarded_command_is_taken_once_and_answered(
     a, b = replicas(), replicas()
     command_id = b.post_command("api", {"kind": "pause", "version": None}, "B")
     assert b.command_answer(command_id) == (False, None)
+    assert a.queued() == {"api"}
     assert a.take_commands("api", "A") == [(command_id, {"kind": "pause", "version": None})]
+    assert a.queued() == set()
     assert a.take_commands("api", "A") == []
     assert not b.withdraw_command(command_id), "a taken command cannot be withdrawn"
     a.answer_command(command_id, {"decisions": []})
@@ -269,3 +272,23 @@ def test_a_replica_restarted_under_its_id_takes_its_leases_back_at_once(
     assert other.acquire("pod-1", ["api"], 60, 1) == {}
     assert restarted.acquire("pod-0", ["api"], 60, 1) == {"api": 2}
     assert not first.holds("api", Fence("pod-0", 1))
+
+
+async def test_no_call_goes_out_for_a_script_whose_lease_lapsed(tmp_path: Path) -> None:
+    """The HTTP hook refuses a request made for a script once its lease lapsed locally (a
+    process paused while it waited for a rate-limit token); other requests pass."""
+    now = [0.0]
+    store = ThreadedSqlite(SqliteStore(tmp_path / "state.db"))
+    keeper = LeaseKeeper(store, "A", 3.0, ["api"], CollectorRegistry(), clock=lambda: now[0])
+    keeper.holdings.set("api", Fence("A", 1), until=2.0)
+    request = httpx.Request("POST", "https://api.cloudflare.com/client/v4/x")
+    try:
+        acting = ACTING_FOR.set("api")
+        await keeper.request_hook(request)  # held: it goes out
+        now[0] = 2.0
+        with pytest.raises(LeaseLost, match="POST not sent"):
+            await keeper.request_hook(request)
+        ACTING_FOR.reset(acting)
+        await keeper.request_hook(request)  # not made for a script: not this hook's business
+    finally:
+        await store.aclose()

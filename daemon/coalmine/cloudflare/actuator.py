@@ -33,6 +33,7 @@ from coalmine.cloudflare.client import (
 from coalmine.engine import Decision
 from coalmine.notify.outbox import plain
 from coalmine.store.base import StateStore
+from coalmine.store.leases import ACTING_FOR
 from coalmine.store.records import Intent, NewEntry, NewIntent, NewNotification
 
 
@@ -177,6 +178,13 @@ class Actuator:
 
     async def apply(self, intent: Intent) -> Applied:
         """Make the live deployment what the intent says (once), verify, and record it."""
+        acting = ACTING_FOR.set(intent.script)  # replicas: no call goes out once it is lost
+        try:
+            return await self._apply(intent)
+        finally:
+            ACTING_FOR.reset(acting)
+
+    async def _apply(self, intent: Intent) -> Applied:
         versions = [(str(v), float(p)) for v, p in intent.body["versions"]]
         start = intent.body.get("from")
         live = await self._client.current(intent.script)

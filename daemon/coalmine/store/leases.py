@@ -32,6 +32,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -41,6 +42,9 @@ from coalmine.store.base import StateStore
 from coalmine.store.journal import canonical
 
 OUTBOX = "*outbox"
+ACTING_FOR: ContextVar[str | None] = ContextVar("coalmine_acting_for", default=None)
+"""The script whose lease the Cloudflare calls of the current task are made under (set by the
+actuator); a replica's HTTP client refuses to send one once that lease is gone."""
 HEARTBEATS_KEPT = 3600.0  # seconds a dead replica's heartbeat (and a command) stays, for the record
 
 LEASE_MIGRATION = """
@@ -131,6 +135,10 @@ class LeaseOps(Protocol):
 
     async def take_commands(self, script: str, replica: str) -> list[tuple[int, dict[str, Any]]]:
         """Claim the script's queued commands, oldest first."""
+        ...
+
+    async def queued(self) -> set[str]:
+        """The scripts with commands no holder has taken yet."""
         ...
 
     async def answer_command(self, command_id: int, answer: dict[str, Any]) -> None:
@@ -294,6 +302,12 @@ class SqliteLeaseOps:
                 (replica, script),
             ).fetchall()
         return sorted((int(i), json.loads(b)) for i, b in rows)
+
+    def queued(self) -> set[str]:
+        """See :meth:`LeaseOps.queued`."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT DISTINCT script FROM commands WHERE taken_by IS NULL")
+            return {r[0] for r in rows}
 
     def answer_command(self, command_id: int, answer: dict[str, Any]) -> None:
         """See :meth:`LeaseOps.answer_command`."""

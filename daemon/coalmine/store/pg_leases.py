@@ -221,6 +221,17 @@ class PostgresLeaseOps:
 
         return sorted((int(i), json.loads(b)) for i, b in await self._run(work))
 
+    async def queued(self) -> set[str]:
+        """See :meth:`~coalmine.store.leases.LeaseOps.queued`."""
+
+        async def work(conn: Connection) -> set[str]:
+            cursor = await conn.execute(
+                "SELECT DISTINCT script FROM commands WHERE taken_by IS NULL"
+            )
+            return {r[0] for r in await cursor.fetchall()}
+
+        return await self._run(work)
+
     async def answer_command(self, command_id: int, answer: dict[str, Any]) -> None:
         """See :meth:`~coalmine.store.leases.LeaseOps.answer_command`."""
 

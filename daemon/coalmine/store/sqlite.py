@@ -632,6 +632,10 @@ class ThreadedSqlite:
         """See :meth:`~coalmine.store.leases.LeaseOps.take_commands`."""
         return await self._run(lambda: self.sync.take_commands(script, replica))
 
+    async def queued(self) -> set[str]:
+        """See :meth:`~coalmine.store.leases.LeaseOps.queued`."""
+        return await self._run(self.sync.queued)
+
     async def answer_command(self, command_id: int, answer: dict[str, Any]) -> None:
         """See :meth:`~coalmine.store.leases.LeaseOps.answer_command`."""
         await self._run(lambda: self.sync.answer_command(command_id, answer))
