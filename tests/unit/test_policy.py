@@ -597,7 +597,9 @@ def test_an_unknown_source(check: Any) -> None:
     text = HEAD + "rules:\n  - {name: r, source: datadog, query: up, above: 1}\n"
     assert check(text) == (
         2,
-        ["p.yaml:8: rules[0].source: Input should be 'prometheus', 'grafana', 'cloudflare' or 'webhook'"],
+        [
+            "p.yaml:8: rules[0].source: Input should be 'prometheus', 'grafana', 'cloudflare' or 'webhook'"
+        ],
     )
 
 
