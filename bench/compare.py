@@ -33,9 +33,11 @@ and each system sees the split its own decisions put in force. Categories, with 
 The systems, each reading the same query (errors / requests of the canary over the rule's
 ``window``, 1 minute) and the same threshold (0.5%, the runbook's):
 
-- coalmine: ``Engine`` under policies/runbook.yaml restricted to its ``error_rate`` rollback rule
-  and the gate on the same query (``gate_error_rate``), every ``analysis.interval`` (30 s), from
-  a Tuesday 10:00 Pacific start, so the deployment windows are open throughout;
+- coalmine: ``Engine`` under policies/runbook.yaml restricted to the rules on this signal: its
+  ``error_rate`` rollback rule (with the file's ``shared_incident``), the gate on the same query
+  (``gate_error_rate``) and the compare rule on 5xx among requests (``errors_vs_stable``: it
+  reads the same counts, as events and requests), every ``analysis.interval`` (30 s), from a
+  Tuesday 10:00 Pacific start, so the deployment windows are open throughout;
 - Flagger: its analysis loop with its documented defaults (interval 1 min, ``threshold: 5``);
 - Argo Rollouts: a background AnalysisRun with its defaults (``failureLimit: 0``,
   ``consecutiveErrorLimit: 4``, errors retried after 10 s) and a 1-minute interval.
@@ -420,12 +422,15 @@ class Setup:
 
     @classmethod
     def of(cls, full: Policy) -> Setup:
-        """The runbook cut down to its error-rate rollback rule and the gates on that query."""
+        """The runbook cut down to its error-rate rollback rule, the gates on that query and
+        the compare rules on 5xx among requests."""
         rate = next(r for r in full.rules if r.name == RATE_RULE)
         rules = tuple(
             r
             for r in full.rules
-            if r is rate or (r.query == rate.query and r.gating and "canary" in r.phases)
+            if r is rate
+            or (r.query == rate.query and r.gating and "canary" in r.phases)
+            or (r.compare is not None and 'code=~"5.."' in (r.events or ""))
         )
         policy = full.model_copy(update={"rules": list(rules)})
         steps = [s for s in full.steps if s.weight < 100]
@@ -439,11 +444,14 @@ class Setup:
         )
 
 
-def _observation(rule: str, role: Role, r: Reading) -> Observation:
+def _observation(rule: str, role: Role, r: Reading, counts: bool = False) -> Observation:
     if r.kind == "error":
         return Observation(rule, role, None, error="query failed")
     if r.kind == "empty":
         return Observation(rule, role, None)
+    if counts:  # a compare rule: the window's events among its requests
+        events = 0.0 if r.kind == "nan" else round(r.value * r.samples)
+        return Observation(rule, role, None, float(r.samples), events=float(events))
     return Observation(rule, role, r.value, float(r.samples))
 
 
@@ -451,15 +459,15 @@ def run_coalmine(setup: Setup, engine: Engine, canary: Canary) -> Result:
     """coalmine's engine, ticked every ``analysis.interval`` with both versions' observations."""
     source = Source(canary, setup.weights[0])
     interval = int(setup.policy.analysis.interval.total_seconds())
-    windows = [(r.name, int(r.window.total_seconds())) for r in setup.rules]
+    windows = [(r.name, int(r.window.total_seconds()), r.compare is not None) for r in setup.rules]
     state = engine.new_state(SCRIPT)
     live = Deployment.of("v1", "v2", setup.weights[0])
     state = engine.observe_deployment(state, live, TUESDAY_10AM).state
     paged = False
     for t in range(interval, HORIZON + 1, interval):
         observations = [
-            _observation(name, role, source.query(role, t, window))
-            for name, window in windows
+            _observation(name, role, source.query(role, t, window), counts)
+            for name, window, counts in windows
             for role in ("canary", "stable")
         ]
         outcome = engine.tick(state, TUESDAY_10AM + timedelta(seconds=t), observations)

@@ -71,6 +71,7 @@ from pathlib import Path
 from statistics import NormalDist
 
 from coalmine.engine import Deployment, Engine, Observation, Options
+from coalmine.engine.compare import Evidence
 from coalmine.engine.model import Role
 from coalmine.policy import Policy, Rule
 from coalmine.policyfile import load_policy
@@ -101,6 +102,18 @@ class Scenario:
     hold_to_end: bool = False  # auto-promote off: the 10% step lasts all ``minutes``
     stable_rate: float = STABLE_ERROR_RATE
     wander: float = 0.0  # sd of each version's own log error-rate drift (AR(1), 0: none)
+    share: float = CANARY_SHARE  # the canary's share of requests
+    onset: float = 0.0  # minute from which the canary is ``factor`` times worse
+    ramp: tuple[float, float] | None = None  # (to rate, over minutes) from ``onset``: a slow burn
+
+    def canary_rate(self, minute: float, p: float) -> float:
+        """The canary's error rate at ``minute`` when the stable's is ``p``."""
+        if minute < self.onset:
+            return p
+        if self.ramp is not None:
+            to, over = self.ramp
+            return p + (to - p) * min(1.0, (minute - self.onset) / over)
+        return p * self.factor
 
     @property
     def intervals(self) -> int:
@@ -126,6 +139,19 @@ SCENARIOS = (
     Scenario("x4_60", "canary 4x, 60 req/min", 60, 4.0, STEP_MINUTES),
     Scenario("x10_1000", "canary 10x, 1,000 req/min", 1000, 10.0, STEP_MINUTES),
     Scenario("shared", "both 10x from minute 5, 1,000 req/min", 1000, 1.0, STEP_MINUTES, 5.0),
+    # the runbook's second step: 50% for an hour
+    Scenario("late3x", "3x from minute 40 of the 50% hour", 1000, 3.0, 60, share=0.5, onset=40),
+    Scenario(
+        "burn",
+        "0.2% -> 2% over 45 min from minute 5 of the 50% hour",
+        1000,
+        1.0,
+        60,
+        stable_rate=0.002,
+        share=0.5,
+        onset=5,
+        ramp=(0.02, 45),
+    ),
 )
 
 
@@ -199,7 +225,7 @@ def simulate(scenario: Scenario, rng: random.Random) -> Traffic:
     """The counts of one canary, interval by interval."""
     traffic = Traffic(Counts(), Counts(), Counts())
     per_interval = scenario.per_minute * INTERVAL / 60
-    canary_mean = per_interval * CANARY_SHARE
+    canary_mean = per_interval * scenario.share
     stable_mean = per_interval - canary_mean
     sigma, innovation = scenario.wander, math.sqrt(1 - WANDER_PHI**2)
     drift = [rng.gauss(0.0, 1.0) for _ in range(3)] if sigma else [0.0, 0.0, 0.0]
@@ -210,7 +236,8 @@ def simulate(scenario: Scenario, rng: random.Random) -> Traffic:
         if sigma:
             drift = [WANDER_PHI * z + innovation * rng.gauss(0.0, 1.0) for z in drift]
         c, s, b = (math.exp(sigma * z - sigma * sigma / 2) for z in drift)
-        _draw(rng, traffic.canary, canary_mean, min(1.0, p * scenario.factor * c))
+        rate = scenario.canary_rate(k * INTERVAL / 60, p)
+        _draw(rng, traffic.canary, canary_mean, min(1.0, rate * c))
         _draw(rng, traffic.stable, stable_mean, min(1.0, p * s))
         _draw(rng, traffic.baseline, canary_mean, min(1.0, p * b))
     return traffic
@@ -240,14 +267,19 @@ class Judge:
 
 
 def bench_policy(rule: dict[str, object]) -> Policy:
-    """The policy every coalmine judge runs under: 10% for 30 minutes, then 100%."""
+    """The policy every coalmine judge runs under: the runbook's steps, 10% for 30 minutes,
+    50% for an hour, then 100% (a compare rule's detector is tuned to those 90 minutes)."""
     return Policy.model_validate(
         {
             "version": 1,
             "name": "judge-bench",
             "scripts": [SCRIPT],
             "analysis": {"interval": f"{INTERVAL}s", "warmup": "1m"},
-            "steps": [{"weight": 10, "hold": f"{STEP_MINUTES}m"}, {"weight": 100}],
+            "steps": [
+                {"weight": 10, "hold": f"{STEP_MINUTES}m"},
+                {"weight": 50, "hold": "1h"},
+                {"weight": 100},
+            ],
             "rules": [rule],
         }
     )
@@ -327,18 +359,41 @@ class EngineJudge(Judge):
 
     def decide(self, scenario: Scenario, traffic: Traffic) -> Verdict:
         engine = self.engines[scenario.hold_to_end]
-        live = Deployment("v1", "v2", 10)
+        live = Deployment("v1", "v2", round(100 * scenario.share))
         state = engine.observe_deployment(engine.new_state(SCRIPT), live, T0).state
-        step_end = STEP_MINUTES * 60
+        step_end = scenario.minutes * 60
         for k in range(scenario.intervals):
             outcome = engine.tick(state, self.times[k], self.observations(traffic, k))
             state = outcome.state
             for decision in outcome.decisions:
                 if decision.action == "rollback":
                     return Verdict(tripped_at=INTERVAL * (k + 1))
-                if decision.action == "promote":
+                if decision.action in ("promote", "set_traffic"):  # the step ended: advanced
                     return Verdict(promoted=INTERVAL * (k + 1) == step_end)
         return Verdict()
+
+
+class SinceStartJudge(Judge):
+    """The compare rule as it was before the change detector (issue 12): the mixture test of
+    everything since the step began, tripping at its first judged tick (after the 1m warm-up)
+    with an e-value of at least ``1 / (1 - confidence)``; re-implemented on :class:`Evidence`."""
+
+    def __init__(self, name: str, max_ratio: float, confidence: float = 0.99) -> None:
+        self.name = name
+        self.max_ratio = max_ratio
+        self.bar = 1.0 / (1.0 - confidence)
+
+    def decide(self, scenario: Scenario, traffic: Traffic) -> Verdict:
+        evidence = Evidence()
+        c, s = traffic.canary, traffic.stable
+        for k in range(scenario.intervals):
+            evidence = evidence.add(
+                self.max_ratio, c.errors[k], c.requests[k], s.errors[k], s.requests[k], T0
+            )
+            if k >= 1 and evidence.e_value(self.max_ratio) >= self.bar:
+                return Verdict(tripped_at=INTERVAL * (k + 1))
+        # it passes at the step's end once it saw 1,000 canary requests
+        return Verdict(promoted=not scenario.hold_to_end and evidence.canary_samples >= 1000)
 
 
 # ---- Kayenta: NetflixACAJudge's Mann-Whitney classifier -----------------------------------------
@@ -495,6 +550,7 @@ def judges() -> list[Judge]:
     return [
         EngineJudge("compare 1.5", compare_rule(1.5)),
         EngineJudge("compare 1.2", compare_rule(1.2)),
+        SinceStartJudge("since-start 1.5", 1.5),
         KayentaJudge("Kayenta", lambda t: t.stable),
         KayentaJudge("Kayenta, baseline", lambda t: t.baseline),
         EngineJudge("absolute", runbook_rule()),
@@ -531,10 +587,21 @@ def _share(verdicts: list[Verdict], hit: Callable[[Verdict], bool]) -> str:
     return f"{100 * count / len(verdicts):.1f}% ({count})"
 
 
-def _median_minutes(verdicts: list[Verdict], horizon: int) -> str:
-    times = [v.tripped_at if v.tripped_at is not None else math.inf for v in verdicts]
+def _median_minutes(verdicts: list[Verdict], horizon: int, onset: float = 0.0) -> str:
+    """The median time to a trip, counted from ``onset`` (minutes); a trip before the onset is
+    a false alarm, counted as never."""
+    times = [
+        v.tripped_at - onset * 60
+        if v.tripped_at is not None and v.tripped_at >= onset * 60
+        else math.inf
+        for v in verdicts
+    ]
     middle = statistics.median_high(times)
     return f"> {horizon} min" if math.isinf(middle) else f"{middle / 60:.1f} min"
+
+
+def _before(onset: float) -> Callable[[Verdict], bool]:
+    return lambda v: v.tripped_at is not None and v.tripped_at < onset * 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,12 +647,37 @@ ROWS = (
     Row(
         "x10_1000",
         "10x, 1,000 req/min: median detect",
-        "≤ 2 min",
+        "≤ 1.5 min",
         lambda vs: _median_minutes(vs, 30),
     ),
     Row(
         "shared", "both 10x from min 5, 1,000 req/min: trips", "0", lambda vs: _share(vs, _tripped)
     ),
+    Row(
+        "late3x",
+        "3x from min 40 of the 50% hour, 1,000 req/min: median detect after onset",
+        "≤ 5 min",
+        lambda vs: _median_minutes(vs, 20, onset=40),
+    ),
+    Row(
+        "late3x",
+        "3x from min 40 of the 50% hour: caught before the hour ends",
+        "-",
+        lambda vs: _share(vs, lambda v: v.tripped_at is not None and v.tripped_at >= 40 * 60),
+    ),
+    Row(
+        "late3x",
+        "3x from min 40: tripped before the onset",
+        "-",
+        lambda vs: _share(vs, _before(40)),
+    ),
+    Row(
+        "burn",
+        "0.2% -> 2% over 45 min at 50%, 1,000 req/min: median detect after ramp start",
+        "≤ 10 min",
+        lambda vs: _median_minutes(vs, 55, onset=5),
+    ),
+    Row("burn", "slow burn: tripped before the ramp", "-", lambda vs: _share(vs, _before(5))),
 )
 
 

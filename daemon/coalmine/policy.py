@@ -185,7 +185,8 @@ class Compare(_Model):
         lt=1,
         allow_inf_nan=False,
         description="How sure the test must be before it calls the canary worse; "
-        "1 - confidence bounds the false-alarm rate over the whole step, however often it checks.",
+        "1 - confidence bounds the false-alarm rate over the whole canary, however often "
+        "it checks.",
     )
 
 

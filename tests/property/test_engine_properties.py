@@ -122,9 +122,12 @@ def _clock(t: datetime) -> str:
 
 # ---- policies -----------------------------------------------------------------------------
 
-RUNBOOK = load_policy(ROOT / "policies" / "runbook.yaml")
+_RUNBOOK = load_policy(ROOT / "policies" / "runbook.yaml")
 _FAST = load_policy(ROOT / "policies" / "examples" / "fast.yaml")
-# The oracle models absolute rules; compare rules have their own tests (tests/unit/test_compare.py).
+# The oracle models absolute rules; compare rules have their own tests (tests/unit/test_compare.py,
+# test_change_detection.py). Stable observations here never breach, so `shared_incident: hold`
+# never engages (tests/unit/test_shared_incident.py covers it).
+RUNBOOK = _RUNBOOK.model_copy(update={"rules": [r for r in _RUNBOOK.rules if r.compare is None]})
 FAST = _FAST.model_copy(update={"rules": [r for r in _FAST.rules if r.compare is None]})
 
 _RULE_SHAPES = (

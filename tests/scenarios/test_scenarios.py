@@ -48,10 +48,11 @@ def test_fault_at_50_is_rolled_back(capsys: pytest.CaptureFixture[str]) -> None:
     decisions = replay(capsys, "fault-at-50")
     assert actions(decisions) == ["start", "set_traffic", "rollback", "page"]
     rollback, page = decisions[2], decisions[3]
-    # the comparison with the stable version trips first: 10 s into the step, where the
-    # absolute error_rate rule would still be waiting out its `for: 20s`
+    # the comparison with the stable version trips first: 20 s into the step (the change
+    # detector weighs the 10% step's healthy evidence against the fault), where the absolute
+    # error_rate rule, warming up for 10 s, would still be waiting out its `for: 20s`
     assert rollback["canary_percent"] == 0 and rollback["rule"] == "errors_vs_stable"
-    assert rollback["t"] == "2026-03-03T18:00:35Z"
+    assert rollback["t"] == "2026-03-03T18:00:40Z"
     assert rollback["value"] > rollback["threshold"] == 1.5
     assert rollback["interval"][0] >= 1.5
     assert rollback["samples"] >= 50

@@ -207,7 +207,7 @@ def test_a_ten_times_worse_canary_is_rolled_back_with_the_ratio_and_interval() -
     assert rollback.value is not None and rollback.value > 5
     assert rollback.interval is not None and rollback.interval[0] >= 1.5
     assert "canary/stable rate ratio" in rollback.reason
-    assert "since the step began" in rollback.reason
+    assert "since the canary started" in rollback.reason
     page = next(d for d in rollout.decisions if d.action == "page")
     assert page.to_dict()["interval"] == list(rollback.interval)
 
@@ -227,7 +227,7 @@ def test_too_few_canary_requests_is_inconclusive_never_a_pass() -> None:
     rollout.tick(30, *counts((0, 40), (0, 360)))
     track = rollout.state.rules["errs"]
     assert track.status is RuleStatus.INCONCLUSIVE
-    assert "40 canary requests in the step < min_samples 100" in track.detail
+    assert "40 canary requests since the canary started < min_samples 100" in track.detail
     rollout.tick(60, *counts((0, 40), (0, 360)))
     rollout.tick(90, *counts((0, 40), (0, 360)))
     assert rollout.state.rules["errs"].status is RuleStatus.OK  # 120 requests, no events
@@ -276,19 +276,19 @@ def test_a_window_is_counted_once() -> None:
     assert (evidence.canary_samples, evidence.windows) == (200, 2)
 
 
-def test_the_test_restarts_at_each_traffic_change() -> None:
-    """Evidence gathered at 10% is forgotten at 50%: the new step is judged on its own."""
+def test_evidence_carries_across_traffic_changes() -> None:
+    """Evidence gathered at 10% is kept at 50%: each window counts at its own split."""
     rollout = Rollout(make_policy(POLICY))
     for i in range(1, 61):
         rollout.tick(30 * i, *counts((0, 50), (2, 450)))
     assert rollout.state.canary_percent == 50
-    step_start = rollout.state.step_started_at
-    assert step_start is not None
-    assert rollout.state.rules["errs"].evidence is None
+    before = rollout.state.rules["errs"].evidence
+    assert before is not None
     rollout.tick(30 * 61, *counts((0, 250), (1, 250)))
     evidence = rollout.state.rules["errs"].evidence
     assert evidence is not None
-    assert (evidence.canary_samples, evidence.stable_samples) == (250, 250)
+    assert evidence.canary_samples == before.canary_samples + 250
+    assert evidence.stable_samples == before.stable_samples + 250
 
 
 def test_state_with_evidence_round_trips() -> None:
@@ -360,12 +360,12 @@ def test_the_interval_agrees_with_the_test() -> None:
     evidence = Evidence()
     for step in range(40):
         evidence = evidence.add(1.5, step % 4, 100, 3, 900, T0)
-        rejects = evidence.e_value(1.5) >= 100
+        rejects = evidence.alarm(1.5) >= 100
         low, high = evidence.interval(0.99, 1.5)
         assert (low >= 1.5) == rejects
         assert low <= high
         plain_low, plain_high = evidence.interval(0.99)
-        bar = math.log(100)
+        bar = math.log(250)  # the since-start share (0.4) of the budget
         everywhere = [
             GRID[k]
             for k in range(len(GRID))
@@ -414,7 +414,10 @@ def test_by_default_a_thousand_canary_requests_before_a_pass_but_a_breach_at_onc
     for i in range(1, 10):
         quiet.tick(30 * i, *counts((0, 100), (1, 900)))
     assert quiet.state.rules["errs"].status is RuleStatus.INCONCLUSIVE
-    assert "900 canary requests in the step < min_samples 1000" in quiet.state.rules["errs"].detail
+    assert (
+        "900 canary requests since the canary started < min_samples 1000"
+        in quiet.state.rules["errs"].detail
+    )
     quiet.tick(300, *counts((0, 100), (1, 900)))
     assert quiet.state.rules["errs"].status is RuleStatus.OK
     bad = Rollout(policy)

@@ -75,7 +75,7 @@ def test_the_shipped_policies_load_together(
     monkeypatch.chdir(ROOT)
     assert main(["check-policy", "policies/runbook.yaml", "policies/examples"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "policies/runbook.yaml: ok (runbook: 17 rules, 3 steps)",
+        "policies/runbook.yaml: ok (runbook: 19 rules, 3 steps)",
         "policies/examples/cloudflare-only.yaml: ok (cloudflare-only: 7 rules, 4 steps)",
         "policies/examples/fast.yaml: ok (fast: 6 rules, 3 steps)",
     ]

@@ -3,8 +3,9 @@
 Live (the default when Debian's ``prometheus`` is installed): the simulator's loopback
 Cloudflare, metrics and receivers; a real Prometheus scraping the simulated Worker every
 second; and the real daemon on ``policies/examples/fast.yaml`` with its endpoints up. A healthy
-canary is promoted through every step, then a faulty one is rolled back, each decision printed
-as it is made. ``--offline`` (or no Prometheus) plays the same two canaries through the engine
+canary is promoted through every step, then a faulty one is rolled back, then a shared incident
+(both versions failing) is held through and the canary promoted, each decision printed as it is
+made. ``--offline`` (or no Prometheus) plays the same two canaries through the engine
 on a virtual clock instead, in a second.
 
 The policy is embedded so the demo runs from an installed wheel; a test keeps it identical to
@@ -66,6 +67,7 @@ rules:
     above: 0.02
     for: 20s
     on_breach: rollback
+    shared_incident: hold        # both versions over 2%: hold and page, do not roll back
   - name: errors_vs_stable
     description: the canary's 5xx rate against the stable version's, side by side (a shared
       incident hitting both versions does not trip it); see docs/statistics.md
@@ -124,7 +126,7 @@ rules:
     phases: [post_promotion]
 """
 SCRIPT = "demo-worker"
-LIVE_LIMIT = 240.0  # seconds: give up if the live demo has not finished by then
+LIVE_LIMIT = 360.0  # seconds: give up if the live demo has not finished by then
 
 
 def _faulty(_elapsed: timedelta, percent: int) -> ReplayBehaviour:
@@ -132,16 +134,31 @@ def _faulty(_elapsed: timedelta, percent: int) -> ReplayBehaviour:
     return ReplayBehaviour(error_rate=0.08, p99=0.9) if percent >= 50 else ReplayBehaviour()
 
 
+def _dependency_outage(elapsed: timedelta, _percent: int) -> ReplayBehaviour:
+    """A shared dependency fails 8% of both versions' requests from 5 s to 45 s."""
+    failing = timedelta(seconds=5) <= elapsed < timedelta(seconds=45)
+    return ReplayBehaviour(error_rate=0.08) if failing else ReplayBehaviour()
+
+
+def _without_shared_hold(policy_text: str) -> str:
+    return policy_text.replace("    shared_incident: hold", "    shared_incident: rollback", 1)
+
+
 def run_offline(output: str = "table", out: TextIO | None = None) -> int:
-    """The two canaries through the pure engine on a virtual clock."""
+    """The three canaries through the pure engine on a virtual clock."""
     out = out or sys.stdout
     policy = parse_policy(FAST_POLICY, "policies/examples/fast.yaml")
     scenarios = (
         ("A healthy canary: promoted through every step, then watched", steady(ReplayBehaviour())),
         ("A faulty canary: errors appear at the 50% step and it is rolled back", _faulty),
+        (
+            "A shared incident: a dependency fails both versions for 40 s; held, then promoted",
+            _dependency_outage,
+        ),
     )
     for title, canary in scenarios:
-        _, decisions = run(Simulation(policy, canary))
+        stable = canary if canary is _dependency_outage else steady(ReplayBehaviour())
+        _, decisions = run(Simulation(policy, canary, stable))
         if output == "jsonl":
             for decision in decisions:
                 print(json.dumps(decision.to_dict()), file=out)
@@ -151,6 +168,18 @@ def run_offline(output: str = "table", out: TextIO | None = None) -> int:
         print("   simulated 50 req/s, evaluated every 5s on a virtual clock", file=out)
         for line in format_table(decisions):
             print("   " + line, file=out)
+        if canary is _dependency_outage:
+            alone = parse_policy(_without_shared_hold(FAST_POLICY), "fast.yaml")
+            _, other = run(Simulation(alone, canary, stable))
+            rollback = next((d for d in other if d.action == "rollback"), None)
+            if rollback is not None:
+                offset = rollback.t - other[0].t
+                print(
+                    f"   (with the absolute rule alone, shared_incident: rollback, the canary "
+                    f"would have been rolled back {offset.total_seconds():g}s in, for an outage "
+                    "that rolling back cannot fix)",
+                    file=out,
+                )
         print(file=out)
     return 0
 
@@ -232,6 +261,21 @@ async def _live(out: TextIO) -> int:
                     return state.phase is RolloutPhase.ROLLED_BACK
 
                 await _follow(loop, out, rolled_back)
+                print(file=out)
+                print(
+                    "== A shared incident: a dependency fails both versions for 40 s; held "
+                    "through, then promoted",
+                    file=out,
+                )
+                shared = sim.upload_version(SCRIPT, Behaviour())
+                sim.start_canary(SCRIPT, shared, percent=10)
+                for version in (healthy, shared):
+                    sim.schedule_fault(
+                        SCRIPT, version, http_5xx_rate=0.08, duration=timedelta(seconds=40)
+                    )
+                await _follow(
+                    loop, out, lambda s: s.phase is RolloutPhase.IDLE and s.stable == shared
+                )
             print(file=out)
             with anyio.move_on_after(10):  # let the last notifications reach the receivers
                 while await daemon.store.backlog():

@@ -22,9 +22,33 @@ every window without inflating false alarms. The prior is uniform over a log-spa
 ratios from just above ``max_ratio`` to 16 x ``max_ratio``; a grid instead of Lindon & Malek's
 conjugate Dirichlet because the split ``a`` changes from window to window.
 
-The confidence interval reported with every evaluation inverts the same construction: the grid
-ratios ``rho0`` whose two-sided mixture (uniform over the whole grid) against ``rho0`` stays
-below ``1 / (1 - confidence)``. It is a confidence *sequence*: valid at every check at once.
+That mixture, multiplied up since the canary started, is slow to see a regression that begins
+late: a healthy hour must first be outweighed. So the rule also runs a change detector, the
+e-detector of Shin, Ramdas & Rinaldo (2023, "E-detectors: a nonparametric framework for
+sequential change detection") in its Shiryaev-Roberts form, over the same per-window likelihood
+ratios: for each alternative ``rho'``,
+
+    R(t) = (R(t-1) + w_t) * LR_t(rho'),   R(0) = 0,
+
+the sum over every possible start ``j`` of ``w_j`` times the product of the ratios since ``j``.
+Under the null ``E[R(t) | past] <= R(t-1) + w_t``, so ``R(t) + sum_{j > t} w_j`` is a
+non-negative supermartingale starting at ``sum_j w_j <= 1``: by Ville's inequality the mixture
+over ``rho'`` *ever* reaching ``1 / (1 - confidence)`` has probability at most ``1 - confidence``,
+over the whole canary however long it runs. The weights split that budget (:func:`change_weight`):
+0.4 on ``j = 1`` (the since-start test above), 0.2 on the first windows after traffic changes
+(halving from one change to the next), 0.3 evenly over the first ``horizon`` windows (the
+policy's canary holds, in windows), 0.1 on the rest, decaying as ``1 / (m (m + 1))``. A change
+at window ``j`` then trips once the evidence since ``j`` reaches about
+``log(horizon / (0.3 x (1 - confidence)))``, counted from the change, not from the start.
+
+Evidence carries across traffic changes: each window's ratio uses that window's own split
+``a``, so windows at 10% and at 50% multiply into one valid test.
+
+The confidence interval reported with every evaluation inverts the since-start construction: the
+grid ratios ``rho0`` whose two-sided mixture (uniform over the whole grid) against ``rho0`` stays
+below ``1 / (0.4 x (1 - confidence))`` (its share of the budget, so that a lower bound above
+``max_ratio`` always comes with a breach). It is a confidence *sequence*: valid at every check
+at once.
 
 Everything here is pure and cheap: one ``log1p`` per grid point per window that saw events.
 """
@@ -43,14 +67,35 @@ _LOG_GRID: tuple[float, ...] = tuple(math.log(r) for r in GRID)
 ALTERNATIVES_UP_TO = 16.0  # alternatives span (max_ratio, 16 * max_ratio]
 _SPLIT_MIN, _SPLIT_MAX = 1e-9, 1e9  # canary/stable requests outside this: not a split
 _LOG_CAP = 700.0  # e-values beyond e^700 are all "certain" (and exp() would overflow)
+DEFAULT_HORIZON = 120  # windows, when the policy's holds say nothing (an hour of 30 s windows)
+
+
+SINCE_START, AT_STEPS, PLANNED, LATER = 0.4, 0.2, 0.3, 0.1  # shares of the budget: sum 1
+
+
+def change_weight(j: int, horizon: int, step: int = 0) -> float:
+    """The share of the false-alarm budget on a change starting at window ``j`` (from 1);
+    ``step`` > 0 when window ``j`` is the first of the ``step``-th traffic change.
+
+    0.4 on the start (the since-start test); 0.2 on the first windows of traffic changes
+    (0.1, 0.05, ... for the first, second, ...: a fault that shows under more load); 0.3
+    evenly over the first ``horizon`` windows; 0.1 over the rest as ``1 / (m (m + 1))``.
+    Whatever the path, they sum to at most 1.
+    """
+    span = max(1, horizon)
+    planned = PLANNED / span if j <= span else 0.0
+    later = LATER / ((j - span) * (j - span + 1)) if j > span else 0.0
+    at_step = AT_STEPS * 0.5**step if step > 0 else 0.0
+    return (SINCE_START if j == 1 else 0.0) + at_step + planned + later
 
 
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """The counts of both versions since the step began, and the test's log-likelihoods.
+    """The counts of both versions since the canary started, and the tests' statistics.
 
     ``loglik[k]`` is the log-likelihood of the canary's share of events at ``GRID[k]`` (up to a
     constant shared by every ratio), ``null_loglik`` the same at ``max_ratio``; both start at 0.
+    ``detector[k]`` is ``log R(t)`` of the change detector for the alternative ``GRID[k]``.
     ``covered_until`` is the end of the last window counted: windows never overlap.
     """
 
@@ -62,6 +107,8 @@ class Evidence:
     null_loglik: float = 0.0
     covered_until: datetime | None = None
     windows: int = 0
+    detector: tuple[float, ...] = ()
+    steps: int = 0  # traffic changes the evidence carried across
 
     def add(
         self,
@@ -71,21 +118,35 @@ class Evidence:
         stable_events: float,
         stable_samples: float,
         end: datetime,
+        horizon: int = DEFAULT_HORIZON,
+        new_step: bool = False,
     ) -> Evidence:
-        """The evidence with one more window counted (counts must be finite and >= 0)."""
+        """The evidence with one more window counted (counts must be finite and >= 0);
+        ``horizon``: the canary's planned length in windows, ``new_step``: the window is the
+        first after a traffic change (both shape the detector's weights)."""
         loglik, null = self.loglik, self.null_loglik
         events = canary_events + stable_events
         a = canary_samples / stable_samples if stable_samples > 0 else 0.0
+        window = (0.0,) * len(GRID)  # this window's log-likelihood ratios against max_ratio
         if events > 0 and _SPLIT_MIN < a < _SPLIT_MAX:
             log_a = math.log(a)
-            current = loglik or (0.0,) * len(GRID)
-            loglik = tuple(
-                ll + canary_events * (lr + log_a) - events * math.log1p(r * a)
-                for ll, lr, r in zip(current, _LOG_GRID, GRID, strict=True)
-            )
-            null += canary_events * (math.log(max_ratio) + log_a) - events * math.log1p(
+            here = canary_events * (math.log(max_ratio) + log_a) - events * math.log1p(
                 max_ratio * a
             )
+            window = tuple(
+                canary_events * (lr + log_a) - events * math.log1p(r * a) - here
+                for lr, r in zip(_LOG_GRID, GRID, strict=True)
+            )
+            current = loglik or (0.0,) * len(GRID)
+            loglik = tuple(ll + w + here for ll, w in zip(current, window, strict=True))
+            null += here
+        steps = self.steps + 1 if new_step and self.windows > 0 else self.steps
+        at_step = steps if steps > self.steps else 0
+        log_w = math.log(change_weight(self.windows + 1, horizon, at_step))
+        detector = tuple(
+            min(_logaddexp(d, log_w), _LOG_CAP) + w
+            for d, w in zip(self.detector or (-math.inf,) * len(GRID), window, strict=True)
+        )
         # A window where one version served nothing (or next to nothing) says nothing about
         # the ratio: every event is the other version's whatever the ratio. Its counts count.
         return Evidence(
@@ -97,12 +158,26 @@ class Evidence:
             null,
             end,
             self.windows + 1,
+            detector,
+            steps,
         )
 
     # ---- what the evidence says -----------------------------------------------------------
 
+    def alarm(self, max_ratio: float) -> float:
+        """The change detector's mixture over alternatives (>= 0): its reaching
+        ``1 / (1 - confidence)`` rejects "canary <= max_ratio x stable" at some point."""
+        if not self.detector:  # evidence from before the detector: the since-start test alone
+            return self.e_value(max_ratio) * SINCE_START
+        terms = [
+            d
+            for d, r in zip(self.detector, GRID, strict=True)
+            if max_ratio < r <= max_ratio * ALTERNATIVES_UP_TO
+        ]
+        return math.exp(min(_log_mean_exp(terms), _LOG_CAP))
+
     def e_value(self, max_ratio: float) -> float:
-        """The mixture likelihood ratio against "canary <= max_ratio x stable" (>= 0)."""
+        """The since-start mixture likelihood ratio against "canary <= max_ratio x stable"."""
         if not self.loglik:
             return 1.0
         terms = [
@@ -113,7 +188,7 @@ class Evidence:
         return math.exp(min(_log_mean_exp(terms), _LOG_CAP))
 
     def estimate(self) -> float | None:
-        """The canary's event rate over the stable's (pooled since the step began).
+        """The canary's event rate over the stable's (pooled since the canary started).
 
         None when neither version had an event (nothing to compare); +Inf when only the
         canary had events.
@@ -138,7 +213,7 @@ class Evidence:
         """
         if not self.loglik:
             return 0.0, math.inf
-        bar = math.log(1.0 / (1.0 - confidence))
+        bar = math.log(1.0 / (SINCE_START * (1.0 - confidence)))  # the since-start share
         ll = self.loglik
         best = max(range(len(GRID)), key=ll.__getitem__)  # the likeliest ratio: never rejected
 
@@ -151,7 +226,7 @@ class Evidence:
         high = _edge(len(GRID) - 1, best, lambda k: rejects(k, False))
         low_ratio = GRID[low] if low is not None else 0.0
         high_ratio = GRID[high] if high is not None else math.inf
-        if max_ratio is not None and self.e_value(max_ratio) >= 1.0 / (1.0 - confidence):
+        if max_ratio is not None and self.alarm(max_ratio) >= 1.0 / (1.0 - confidence):
             low_ratio = max(low_ratio, max_ratio)
         return low_ratio, high_ratio
 
@@ -168,6 +243,8 @@ class Evidence:
             "null_loglik": self.null_loglik,
             "covered_until": self.covered_until.isoformat() if self.covered_until else None,
             "windows": self.windows,
+            "detector": [_finite(d) for d in self.detector],
+            "steps": self.steps,
         }
 
     @classmethod
@@ -183,6 +260,8 @@ class Evidence:
             float(data["null_loglik"]),
             datetime.fromisoformat(until) if until else None,
             int(data.get("windows", 0)),
+            tuple(-math.inf if d is None else float(d) for d in data.get("detector", ())),
+            int(data.get("steps", 0)),
         )
 
 
@@ -207,6 +286,17 @@ def _log_e(loglik: tuple[float, ...], null: float, k: int, upwards: bool) -> flo
     if not alternatives:
         return 0.0
     return _log_mean_exp(ll - null for ll in alternatives)
+
+
+def _logaddexp(x: float, y: float) -> float:
+    top = max(x, y)
+    if top == -math.inf:
+        return top
+    return top + math.log(math.exp(x - top) + math.exp(y - top))
+
+
+def _finite(value: float) -> float | None:
+    return None if value == -math.inf else value
 
 
 def _log_mean_exp(values: Iterable[float]) -> float:

@@ -103,7 +103,8 @@ class Engine:
     def __init__(self, policy: Policy, options: Options | None = None) -> None:
         self.policy = policy
         self.options = options or Options()
-        rules = [CompiledRule.of(r) for r in policy.rules]
+        canary_hold = sum((s.hold for s in policy.steps[:-1]), timedelta(0))
+        rules = [CompiledRule.of(r, canary_hold) for r in policy.rules]
         self._canary_rules = tuple(r for r in rules if "canary" in r.phases)
         self._post_rules = tuple(r for r in rules if "post_promotion" in r.phases)
         self._after_rollback = tuple(r for r in rules if r.when == "after_rollback")

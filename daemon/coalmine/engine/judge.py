@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from coalmine.engine.compare import Evidence
+from coalmine.engine.compare import DEFAULT_HORIZON, Evidence
 from coalmine.engine.model import Observation
 from coalmine.engine.state import RuleStatus, RuleTrack, replace_track
 from coalmine.policy import Rule
@@ -37,6 +37,7 @@ class CompiledRule:
     confidence: float | None = None  # set for compare rules only (threshold is max_ratio)
     shared_hold: bool = False  # a rollback rule holds while the stable version breaches too
     when: str | None = None  # webhook rules: before_advance | every_tick | after_promotion | ...
+    horizon: int = DEFAULT_HORIZON  # compare rules: the canary's planned length, in windows
 
     @property
     def compares(self) -> bool:
@@ -44,8 +45,9 @@ class CompiledRule:
         return self.confidence is not None
 
     @classmethod
-    def of(cls, rule: Rule) -> CompiledRule:
-        """Compile a validated policy rule."""
+    def of(cls, rule: Rule, canary_hold: timedelta = timedelta(0)) -> CompiledRule:
+        """Compile a validated policy rule; ``canary_hold``: the policy's canary steps' holds
+        together (a compare rule's change detector is tuned to that length)."""
         default_severity = "critical" if rule.on_breach == "rollback" else "error"
         min_samples = rule.min_samples
         if rule.compare is not None and min_samples is None:
@@ -72,6 +74,9 @@ class CompiledRule:
             confidence=rule.compare.confidence if rule.compare is not None else None,
             shared_hold=rule.shared_incident == "hold" and on_breach == "rollback",
             when=when,
+            horizon=max(1, math.ceil(canary_hold / rule.window))
+            if canary_hold
+            else DEFAULT_HORIZON,
         )
 
     @property
@@ -209,14 +214,16 @@ def judge_compare(
     warming_up: bool,
     step_started_at: datetime | None,
 ) -> RuleTrack:
-    """A compare rule's track after this tick: count the window, then test the step's evidence.
+    """A compare rule's track after this tick: count the window, then test the evidence.
 
     A window is counted once, only if it starts at or after the step began and after the last
-    window counted (windows never overlap, so no event is counted twice). The test then
-    judges everything counted since the step began: breaching when it rejects "canary <=
-    max_ratio x stable" at the rule's confidence. Either version's observation missing:
-    inconclusive, as for any rule. Short of ``min_samples`` canary requests in the step (or with
-    no stable requests): inconclusive unless the test already rejects, never a pass.
+    window counted (windows never overlap, so no event is counted twice). Evidence carries
+    across steps. The test then judges everything counted since the canary started: breaching
+    when its change detector rejects "canary <= max_ratio x stable" at the rule's confidence (a
+    regression from the start or from any later window). Either version's observation missing:
+    inconclusive, as for any rule. Short of ``min_samples`` canary requests since the canary
+    started (or with no stable requests): inconclusive unless the test already rejects, never a
+    pass.
     """
     assert rule.confidence is not None
     max_ratio = rule.threshold
@@ -235,14 +242,25 @@ def judge_compare(
         slack = rule.window / 10
         fresh = evidence.covered_until is None or start >= evidence.covered_until - slack
         if fresh and (step_started_at is None or start >= step_started_at - slack):
-            evidence = evidence.add(max_ratio, *canary_counts, *stable_counts, end=end)
+            # the first window of a step: a fault that shows under the new load starts here
+            new_step = step_started_at is not None and (
+                evidence.covered_until is None or evidence.covered_until <= step_started_at + slack
+            )
+            evidence = evidence.add(
+                max_ratio,
+                *canary_counts,
+                *stable_counts,
+                end=end,
+                horizon=rule.horizon,
+                new_step=new_step,
+            )
         if rule.min_samples is not None and not evidence.canary_samples >= rule.min_samples:
             thin = (
-                f"{evidence.canary_samples:g} canary requests in the step "
+                f"{evidence.canary_samples:g} canary requests since the canary started "
                 f"< min_samples {rule.min_samples:g}"
             )
         elif evidence.stable_samples <= 0:
-            thin = "no stable requests in the step to compare with"
+            thin = "no stable requests to compare with yet"
     low, high = evidence.interval(rule.confidence, max_ratio)
     stable_rate = (
         evidence.stable_events / evidence.stable_samples if evidence.stable_samples > 0 else None
@@ -258,7 +276,7 @@ def judge_compare(
     }
     # The test's guarantee holds at any sample size, so a rejection counts however little
     # evidence there is; only passing needs the minimum.
-    breaching = why is None and evidence.e_value(max_ratio) >= 1.0 / (1.0 - rule.confidence)
+    breaching = why is None and evidence.alarm(max_ratio) >= 1.0 / (1.0 - rule.confidence)
     why = why or (None if breaching else thin)
     if why is not None:
         return replace_track(

@@ -58,11 +58,11 @@ class RuleTrack:
     shared: bool = False
 
     def cleared(self) -> RuleTrack:
-        """The same track with its breach tracking and a compare rule's evidence forgotten
-        (after a traffic change: the comparison restarts with the new split)."""
-        if self.breached_since is None and not self.tripped and self.evidence is None:
+        """The same track with its breach tracking forgotten (after a traffic change). A compare
+        rule's evidence carries on: each window is judged at its own split."""
+        if self.breached_since is None and not self.tripped:
             return self
-        return _replace(self, breached_since=None, tripped=False, evidence=None, shared=False)
+        return _replace(self, breached_since=None, tripped=False, shared=False)
 
 
 @dataclass(slots=True)

@@ -34,7 +34,7 @@ def compare_text(rule: CompiledRule, track: RuleTrack, operator: str) -> str:
     ev = track.evidence
     counts = (
         f": canary {num(ev.canary_events)} of {num(ev.canary_samples)}, "
-        f"stable {num(ev.stable_events)} of {num(ev.stable_samples)} since the step began"
+        f"stable {num(ev.stable_events)} of {num(ev.stable_samples)} since the canary started"
         if ev is not None
         else ""
     )
