@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import structlog
@@ -36,7 +37,8 @@ from coalmine.engine import (
     RolloutState,
     RuleTrack,
 )
-from coalmine.engine.model import encode_float
+from coalmine.engine.judge import CompiledRule
+from coalmine.engine.model import encode_float, format_time
 from coalmine.errors import CoalmineError, StoreError
 from coalmine.notify.outbox import Outbox, notifications
 from coalmine.policy import Policy, Rule
@@ -74,6 +76,7 @@ class Shared:
     clock: Callable[[], datetime]
     discovery_interval: timedelta
     fetch_timeout: float = 20.0
+    public_url: str = "http://127.0.0.1:9300"  # links in pages point here
     # Deployment reads in flight at once, over all loops. The rest wait here, at no cost:
     # waiting in httpcore's pool instead, each request start and end rescans every waiting
     # request, so 1,000 loops reading at once take seconds of CPU each and never catch up.
@@ -107,6 +110,7 @@ class ScriptLoop:
         self._pending: list[_Pending] = []
         self._stuck_paged = False
         self._blocked: str | None = None
+        self._change_error: tuple[str, str] | None = None  # (kind, error) of a refused change
         self._wake = anyio.Event()
 
     @property
@@ -214,6 +218,7 @@ class ScriptLoop:
                 self.state = state
             if isinstance(applied, Exception):
                 stuck = (intent, applied)
+                self._change_error = (intent.kind, str(applied))
                 log.warning(
                     "traffic change not applied yet",
                     script=self.script,
@@ -228,6 +233,8 @@ class ScriptLoop:
             self._notify_stuck(now, *stuck)
         elif stuck is None and self._stuck_paged:
             self._notify_stuck(now)
+        if stuck is None:
+            self._change_error = None
         return stuck is not None
 
     def _notify_stuck(
@@ -301,8 +308,18 @@ class ScriptLoop:
             shared.outbox.wake()
             self.recent = (self.recent + decisions)[-50:]
             for d in decisions:
-                log.info(
-                    d.reason, script=self.script, action=d.action, rule=d.rule, canary=d.canary
+                # a rollback or a page needs a person's eyes: log it where they look
+                level = log.warning if d.action in ("rollback", "page") else log.info
+                extra: dict[str, Any] = {"dry_run": True} if d.dry_run else {}
+                if d.requested_by:
+                    extra["requested_by"] = d.requested_by
+                level(
+                    d.reason,
+                    script=self.script,
+                    action=d.action,
+                    rule=d.rule,
+                    canary=d.canary,
+                    **extra,
                 )
         shared.metrics.record(state, self.engine.rules, decisions)
         if any(intent_for(d) for d in decisions):  # apply now, not at the next tick
@@ -310,6 +327,7 @@ class ScriptLoop:
                 failed = isinstance(result, Exception)
                 shared.metrics.actuator_calls.labels(self.script, "error" if failed else "ok").inc()
                 if failed:
+                    self._change_error = (intent.kind, str(result))
                     log.warning(
                         "traffic change failed; retrying next tick",
                         script=self.script,
@@ -326,11 +344,15 @@ class ScriptLoop:
         now: datetime,
         live: LiveDeployment | None,
     ) -> None:
-        entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
+        entries = [
+            NewEntry(d.t, self.script, d.requested_by or d.actor, d.action, d.to_dict())
+            for d in decisions
+        ]
         intents = intents_for(decisions, live)
-        self._shared.store.commit(
-            self.script, state.to_json(), entries, notifications(decisions, before), now, intents
+        notes = notifications(
+            decisions, before, rollout_links(self._shared.public_url, self.script)
         )
+        self._shared.store.commit(self.script, state.to_json(), entries, notes, now, intents)
         self.state = state
 
     async def _observe(self, state: RolloutState, now: datetime) -> list[Observation]:
@@ -371,11 +393,13 @@ class ScriptLoop:
         )
 
     def describe(self) -> dict[str, Any]:
-        """The rollout as the admin API shows it."""
+        """The rollout as the admin API shows it (and ``coalmine status`` and ``GET /``)."""
         s = self.state
+        compiled = {r.name: r for r in self.engine.rules}
         rules = {
             name: {
                 "status": t.status.value,
+                **_rule_bounds(compiled.get(name)),
                 "value": t.value,
                 "stable_value": t.stable_value,
                 "samples": t.samples,
@@ -397,7 +421,50 @@ class ScriptLoop:
             "steps": [step.weight for step in self.policy.steps],
             "rules": rules,
             "recent_decisions": [d.to_dict() for d in self.recent[-20:]],
+            **self._progress(),
         }
+
+    def _progress(self) -> dict[str, Any]:
+        """Where the rollout stands: the live split, the hold, what advancing waits for."""
+        s, now, options = self.state, self._shared.clock(), self.engine.options
+        live = s.live
+        out: dict[str, Any] = {
+            "dry_run": options.dry_run,
+            "auto_promote": options.auto_promote,
+            "auto_rollback": options.auto_rollback,
+            "live": None
+            if live is None
+            else {
+                "stable": live.stable,
+                "canary": live.canary,
+                "canary_percent": live.canary_percent,
+            },
+            "started_at": _time(s.started_at),
+            "step_started_at": _time(s.step_started_at),
+            "hold_remaining_seconds": None,
+            "next_step_at": None,
+            "next_percent": None,
+            "waiting_for": [],
+            "watch_ends_at": None,
+            "traffic_change": None,
+        }
+        steps = self.policy.steps
+        if s.phase in (RolloutPhase.CANARY, RolloutPhase.PAUSED) and s.step + 1 < len(steps):
+            out["next_percent"] = steps[s.step + 1].weight
+            if s.step_started_at is not None:
+                due = s.step_started_at + steps[s.step].hold
+                out["next_step_at"] = _time(due)
+                out["hold_remaining_seconds"] = max(0.0, (due - now).total_seconds())
+            out["waiting_for"] = self.engine.waiting_for(s, now)
+            if self._blocked:
+                out["waiting_for"].append(self._blocked)
+        if s.phase is RolloutPhase.PROMOTED and s.promoted_at is not None:
+            out["watch_ends_at"] = _time(s.promoted_at + self.policy.post_promotion.watch)
+        if self._change_error is not None or self._blocked:
+            kind, error = self._change_error or ("traffic", None)
+            state = "refused" if error else "pending"
+            out["traffic_change"] = {"state": state, "kind": kind, "error": error}
+        return out
 
 
 def scheduled(now: datetime, lateness: float, interval: timedelta) -> datetime:
@@ -411,6 +478,31 @@ def scheduled(now: datetime, lateness: float, interval: timedelta) -> datetime:
     if 0.0 < lateness < min(1.0, interval.total_seconds() / 10):
         return now - timedelta(seconds=lateness)
     return now
+
+
+def rollout_links(public_url: str, script: str) -> dict[str, str]:
+    """Where a person reads a rollout: its API object and the status page."""
+    base = public_url.rstrip("/")
+    name = quote(script, safe="")
+    return {
+        "coalmine rollout (API)": f"{base}/api/v1/rollouts/{name}",
+        "coalmine status page": f"{base}/#{name}",
+    }
+
+
+def _time(t: datetime | None) -> str | None:
+    return format_time(t) if t is not None else None
+
+
+def _rule_bounds(rule: CompiledRule | None) -> dict[str, Any]:
+    """A rule's threshold and direction, so a reader sees the value against its limit."""
+    if rule is None:
+        return {}
+    return {
+        "threshold": rule.threshold,
+        "operator": ">" if rule.above else "<",
+        "on_breach": rule.on_breach,
+    }
 
 
 def _compare_fields(track: RuleTrack) -> dict[str, Any]:

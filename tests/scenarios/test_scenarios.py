@@ -79,19 +79,14 @@ def test_flapping_metric_that_never_sustains_is_promoted(
 
 
 def test_nan_storm_holds_and_pages_never_promotes(capsys: pytest.CaptureFixture[str]) -> None:
-    """Every value NaN for minutes: the rollout holds, pages (warning) per gate, never advances."""
+    """Every value NaN for minutes: the rollout holds, pages (warning) once, never advances."""
     decisions = replay(capsys, "nan-storm")
     assert not {"set_traffic", "promote", "rollback"} & set(actions(decisions))
-    pages = [d for d in decisions if d["action"] == "page"]
-    assert {p["rule"] for p in pages} == {
-        "error_rate",
-        "errors_vs_stable",
-        "latency_p99",
-        "latency_p50_gate",
-    }
-    assert all(
-        p["severity"] == "warning" and p["dedup_key"].endswith("/inconclusive") for p in pages
-    )
+    (page,) = [d for d in decisions if d["action"] == "page"]  # one outage, one page
+    assert page["severity"] == "warning"
+    assert page["dedup_key"].endswith("/inconclusive")
+    for rule in ("error_rate", "errors_vs_stable", "latency_p99", "latency_p50_gate"):
+        assert rule in page["reason"]
     assert "hold" in actions(decisions)
 
 

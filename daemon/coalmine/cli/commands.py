@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("script")
     start.add_argument("version")
     start.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+    _who_and_why(start)
     start.set_defaults(handler=_command, kind="start")
     for kind, text in (
         ("pause", "stop advancing (rollback triggers still act)"),
@@ -85,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(kind, help=text)
         sub.add_argument("script")
         sub.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+        _who_and_why(sub)
         sub.set_defaults(handler=_command, kind=kind, version=None)
 
     gate = commands.add_parser(
@@ -118,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--offline", action="store_true", help="the engine on a virtual clock only")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _who_and_why(parser: argparse.ArgumentParser) -> None:
+    """``--reason`` and ``--actor``: the journal records who asked and why."""
+    parser.add_argument("--reason", help="why, recorded in the journal and shown in Slack")
+    parser.add_argument("--actor", help="who, for the journal (default: your OS user name)")
 
 
 def _duration(text: str) -> timedelta:
@@ -185,7 +193,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    return client.command(load_settings(), args.url, args.script, args.kind, args.version)
+    return client.command(
+        load_settings(),
+        args.url,
+        args.script,
+        args.kind,
+        args.version,
+        actor=args.actor,
+        reason=args.reason,
+    )
 
 
 def _open_store(args: argparse.Namespace) -> Store:

@@ -14,7 +14,7 @@ No clock, no I/O, no logging: ``now`` is an argument and decisions are the only 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -28,6 +28,9 @@ from coalmine.policy import Policy
 
 P = RolloutPhase
 _EMPTY = RuleTrack()
+_TRAFFIC = ("set_traffic", "promote", "rollback")
+DRY_RUN = "DRY RUN: "
+DRY_RUN_TRAFFIC = "DRY RUN, traffic unchanged: "
 Actor = Literal["coalmine", "operator"]
 
 
@@ -60,6 +63,8 @@ class _Run:
 
     def emit(self, action: Any, reason: str, **details: Any) -> None:
         s = self.s
+        if self.dry_run:  # every word of a dry run says so: logs, Slack, pages, annotations
+            reason = (DRY_RUN_TRAFFIC if action in _TRAFFIC else DRY_RUN) + reason
         self.out.append(
             Decision(
                 t=self.now,
@@ -69,7 +74,7 @@ class _Run:
                 canary=s.canary,
                 stable=s.stable,
                 actor=details.pop("actor", self.actor),
-                dry_run=self.dry_run and action in ("set_traffic", "promote", "rollback"),
+                dry_run=self.dry_run,
                 **details,
             )
         )
@@ -105,6 +110,7 @@ class Engine:
         self._canary_rules = tuple(r for r in rules if "canary" in r.phases)
         self._post_rules = tuple(r for r in rules if "post_promotion" in r.phases)
         self._rules = {r.name: r for r in rules}
+        self._source = {r.name: r.source for r in policy.rules}
         self._weights = [s.weight for s in policy.steps]
         self._holds = [s.hold for s in policy.steps]
         self._warmup = policy.analysis.warmup
@@ -153,7 +159,23 @@ class Engine:
             "start": self._start,
         }[command.kind]
         handler(run, command)
+        if command.requested_by or command.reason:
+            run.out = [
+                replace(d, requested_by=command.requested_by, request_reason=command.reason)
+                for d in run.out
+            ]
         return run.done()
+
+    def waiting_for(self, state: RolloutState, now: datetime) -> list[str]:
+        """What keeps a canary from advancing at ``now``, in words (empty: nothing does).
+
+        The hold still running is not listed: the caller shows it as time remaining.
+        """
+        if state.phase not in (P.CANARY, P.PAUSED):
+            return []
+        return [
+            b.reason for b in self._blockers(_Run(state, now, self.options.dry_run, "coalmine"))
+        ]
 
     def tick(
         self,
@@ -260,11 +282,18 @@ class Engine:
             and not inconclusive_paged
             and track.inconclusive_since is not None
             and run.now >= track.inconclusive_since + self._page_after
+            and not self._outage_paged(run.s, rule)
         ):
             since = _when(track.inconclusive_since)
+            also = self._also_inconclusive(run.s, rule)
+            what = (
+                f"{self._source[rule.name]} rules {', '.join([rule.name, *also])}"
+                if also
+                else rule.name
+            )
             run.emit_rule(
                 "page",
-                f"{rule.name} inconclusive since {since} ({track.detail}): the rollout holds",
+                f"{what} inconclusive since {since} ({track.detail}): the rollout holds",
                 rule,
                 track,
                 severity="warning",
@@ -283,6 +312,31 @@ class Engine:
         if (paged, inconclusive_paged) == (track.paged, track.inconclusive_paged):
             return track
         return _with_pages(track, paged, inconclusive_paged)
+
+    def _outage_paged(self, s: RolloutState, rule: CompiledRule) -> bool:
+        """Whether an inconclusive page for another rule of the same source is open: one
+        source outage pages once, not once per rule; a rule still inconclusive after that
+        page resolves pages on its own."""
+        source = self._source[rule.name]
+        return any(
+            name != rule.name
+            and self._source.get(name) == source
+            and track.inconclusive_paged
+            and track.inconclusive_since is not None
+            for name, track in s.rules.items()
+        )
+
+    def _also_inconclusive(self, s: RolloutState, rule: CompiledRule) -> list[str]:
+        """The other gating rules of the rule's source that are inconclusive too."""
+        source = self._source[rule.name]
+        return [
+            other.name
+            for other in self._active_rules(s)
+            if other.name != rule.name
+            and other.gating
+            and self._source[other.name] == source
+            and s.rules.get(other.name, _EMPTY).inconclusive_since is not None
+        ]
 
     def _page(
         self, run: _Run, rule: CompiledRule, track: RuleTrack, severity: str, note: str = ""
@@ -437,13 +491,15 @@ class Engine:
             return False
         promoted = s.canary
         self._resolve_all(run, "post-promotion watch ended")
-        run.emit(
-            "complete",
-            f"post-promotion watch of {format_duration(self._watch)} ended: "
-            f"{promoted} is the stable version",
-        )
+        ended = f"post-promotion watch of {format_duration(self._watch)} ended: "
+        if run.dry_run:  # the canary never carried all traffic: it is not the stable version
+            live = f"; live is still {s.live.describe()}" if s.live else ""
+            run.emit("complete", f"{ended}{promoted} would now be the stable version{live}")
+        else:
+            run.emit("complete", f"{ended}{promoted} is the stable version")
         s.phase = transition(s.phase, Event.FINISH)
-        s.stable = promoted
+        if not run.dry_run:
+            s.stable = promoted
         self._reset(run, keep_expected=run.dry_run)
         return True
 
@@ -516,6 +572,8 @@ class Engine:
 
     def _pause(self, run: _Run, _: Command) -> None:
         s = run.s
+        if s.phase is P.PAUSED:
+            return  # already paused: nothing to do, not an error
         if not allowed(s.phase, Event.PAUSE):
             run.emit("warn", f"pause refused: the rollout is {s.phase.value}, not a running canary")
             return
@@ -535,6 +593,8 @@ class Engine:
             run.emit("resume", "resumed by an operator")
         elif s.phase is P.STOOD_DOWN and s.live is not None:
             self._adopt_after_drift(run, s.live)
+        elif s.phase in (P.CANARY, P.PROMOTED):
+            return  # not paused: already running, nothing to do
         else:
             run.emit(
                 "warn",

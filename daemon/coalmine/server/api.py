@@ -160,16 +160,26 @@ class Api:
         if loop is None:
             return _json(404, {"error": f"no such script {script!r}"})
         version = None
-        if kind == "start":
+        body: Any = {}
+        if kind == "start" or request.body:
             try:
-                body: Any = request.json()
+                body = request.json()
             except ValueError:
-                return _json(400, {"error": 'body must be JSON: {"version": "..."}'})
-            version = body.get("version") if isinstance(body, dict) else None
+                body = ""
+            if not isinstance(body, dict):
+                return _json(400, {"error": 'the body must be a JSON object: {"reason": "..."}'})
+        if kind == "start":
+            version = body.get("version")
             if not isinstance(version, str) or not version:
                 return _json(400, {"error": 'start needs {"version": "<version id>"}'})
+        reason = body.get("reason")
+        if "reason" in body and not isinstance(reason, str):
+            return _json(400, {"error": '"reason" must be a string'})
+        actor = request.headers.get("x-coalmine-actor", "").strip()[:100] or None
         try:
-            decisions = await loop.submit(Command(kind, version))
+            decisions = await loop.submit(
+                Command(kind, version, requested_by=actor, reason=reason and reason[:500])
+            )
         except CommandFailed as exc:
             return _json(503, {"error": f"not applied: {exc}; try again"})
         except CommandQueued as exc:
