@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -97,3 +98,63 @@ async def test_a_rollback_logs_a_warning_and_its_page_links_to_the_rollout(tmp_p
         "https://coalmine.example.com/api/v1/rollouts/api",
         "https://coalmine.example.com/#api",
     ]
+
+
+async def watch(
+    h: Harness, client: httpx.AsyncClient, capsys: pytest.CaptureFixture[str], *argv: str
+) -> tuple[int, str]:
+    """Run ``coalmine status --watch`` in a thread while the daemon ticks on, until it exits."""
+    codes: list[int] = []
+    capsys.readouterr()
+
+    def run() -> None:
+        codes.append(
+            main(["status", *argv, "--watch", "--every", "0.01", "--url", str(client.base_url)])
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(anyio.to_thread.run_sync, run)
+        with anyio.fail_after(60):
+            while not codes:
+                await h.tick(30)
+                await anyio.sleep(0.02)  # let the watcher poll between ticks
+    printed = capsys.readouterr().out.splitlines(keepends=True)
+    return codes[0], "".join(line for line in printed if not LOG_LINE.match(line))
+
+
+async def test_status_watch_exits_1_when_the_canary_is_rolled_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status --watch` follows a faulty canary and exits 1 on its rollback."""
+    async with harness(tmp_path, canary=Behaviour(exception_rate=0.2)) as h, served(h) as client:
+        code, out = await watch(h, client, capsys, "api")
+    assert code == 1
+    assert "api  CANARY" in out and "api  ROLLED_BACK" in out
+    assert all(len(line) <= 100 for line in out.splitlines())
+
+
+async def test_status_watch_exits_0_when_the_canary_is_promoted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status --watch` follows a healthy canary and exits 0 once it is promoted."""
+    async with harness(tmp_path) as h, served(h) as client:
+        code, out = await watch(h, client, capsys)
+    assert code == 0
+    assert "hold" in out and "api  PROMOTED" in out
+
+
+async def test_status_json_is_the_api_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status SCRIPT --json` prints the rollout object, with hold and live split."""
+    async with harness(tmp_path) as h, served(h) as client:
+        await h.tick()
+        code, out = await cli(h, client, capsys, "status", "api", "--json")
+    body = json.loads(out)
+    assert code == 0
+    assert (body["phase"], body["live"]["canary_percent"], body["next_percent"]) == (
+        "canary",
+        10,
+        50,
+    )
+    assert 0 < body["hold_remaining_seconds"] <= 300

@@ -1,4 +1,4 @@
-"""``coalmine status | start | pause | resume | promote | rollback``: talk to a running daemon."""
+"""``coalmine start | pause | resume | promote | rollback``: talk to a running daemon."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def daemon_url(settings: Settings, url: str | None) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _request(
+def request(
     method: str,
     url: str,
     token: str | None = None,
@@ -39,36 +39,6 @@ def _request(
             f"cannot reach the daemon at {httpx.URL(url).copy_with(path='/')}"
             f" ({type(exc).__name__}); is `coalmine run` running?"
         ) from None
-
-
-def status(settings: Settings, url: str | None) -> int:
-    """Print every rollout as a table."""
-    response = _request("GET", daemon_url(settings, url) + "/api/v1/rollouts")
-    if response.status_code != 200:
-        raise RemoteError(f"daemon answered HTTP {response.status_code}")
-    rows = [("SCRIPT", "PHASE", "CANARY", "STABLE", "WEIGHT", "STEP", "BREACHING", "INCONCLUSIVE")]
-    for r in response.json()["rollouts"]:
-        breaching = sorted(n for n, v in r["rules"].items() if v["status"] == "breaching")
-        inconclusive = sorted(n for n, v in r["rules"].items() if v["status"] == "inconclusive")
-        steps = f"{r['step']}/{len(r['steps'])}" if r["step"] else "-"
-        rows.append(
-            (
-                r["script"],
-                r["phase"],
-                r["canary"] or "-",
-                r["stable"] or "-",
-                f"{r['canary_percent']}%" if r["canary"] else "-",
-                steps,
-                ",".join(breaching) or "-",
-                ",".join(inconclusive) or "-",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-    return 0
 
 
 ALREADY = {
@@ -108,7 +78,7 @@ def command(
         body["version"] = version
     if reason:
         body["reason"] = reason
-    response = _request(
+    response = request(
         "POST",
         f"{daemon_url(settings, url)}/api/v1/rollouts/{quote(script, safe='')}/{kind}",
         token,

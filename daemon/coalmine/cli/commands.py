@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -17,6 +18,7 @@ from coalmine.app import prepare, run_until_signalled
 from coalmine.cli import client
 from coalmine.cli.demo import run_demo
 from coalmine.cli.replay import format_table, parse_records, replay
+from coalmine.cli.status import status as show_status
 from coalmine.cli.validate import validate
 from coalmine.durations import parse_duration
 from coalmine.engine import Engine, Options
@@ -68,26 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run)
 
-    status = commands.add_parser("status", help="every rollout, as a table")
-    status.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
-    status.set_defaults(handler=_status)
-    start = commands.add_parser("start", help="start a canary of VERSION")
-    start.add_argument("script")
-    start.add_argument("version")
-    start.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
-    _who_and_why(start)
-    start.set_defaults(handler=_command, kind="start")
-    for kind, text in (
-        ("pause", "stop advancing (rollback triggers still act)"),
-        ("resume", "resume a paused rollout, or adopt the live split after drift"),
-        ("promote", "advance one step now"),
-        ("rollback", "roll the canary back now"),
-    ):
-        sub = commands.add_parser(kind, help=text)
-        sub.add_argument("script")
-        sub.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
-        _who_and_why(sub)
-        sub.set_defaults(handler=_command, kind=kind, version=None)
+    _operator_commands(commands)
 
     gate = commands.add_parser(
         "validate",
@@ -120,6 +103,44 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--offline", action="store_true", help="the engine on a virtual clock only")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _operator_commands(commands: Any) -> None:
+    """``status``, ``start``, ``pause``, ``resume``, ``promote``, ``rollback``: a running daemon."""
+    status = commands.add_parser(
+        "status",
+        help="where each rollout stands and what it waits for",
+        description="Phase, live split, step, hold remaining, what blocks the next step, "
+        "breaching and inconclusive rules. --watch exits 0 promoted, 1 rolled back, 3 no verdict.",
+    )
+    status.add_argument("script", nargs="?", help="one script (default: every one)")
+    status.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+    status.add_argument("--json", action="store_true", help="the API's rollout objects as JSON")
+    status.add_argument(
+        "--watch", action="store_true", help="redraw until the rollout ends; exit on its verdict"
+    )
+    status.add_argument(
+        "--timeout", type=_duration, metavar="DURATION", help="with --watch: give up (exit 3)"
+    )
+    status.add_argument("--every", type=float, default=2.0, help=argparse.SUPPRESS)
+    status.set_defaults(handler=_status)
+    start = commands.add_parser("start", help="start a canary of VERSION")
+    start.add_argument("script")
+    start.add_argument("version")
+    start.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+    _who_and_why(start)
+    start.set_defaults(handler=_command, kind="start")
+    for kind, text in (
+        ("pause", "stop advancing (rollback triggers still act)"),
+        ("resume", "resume a paused rollout, or adopt the live split after drift"),
+        ("promote", "advance one step now"),
+        ("rollback", "roll the canary back now"),
+    ):
+        sub = commands.add_parser(kind, help=text)
+        sub.add_argument("script")
+        sub.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+        _who_and_why(sub)
+        sub.set_defaults(handler=_command, kind=kind, version=None)
 
 
 def _who_and_why(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +210,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    return client.status(load_settings(), args.url)
+    return show_status(
+        load_settings(),
+        args.url,
+        args.script,
+        as_json=args.json,
+        watch=args.watch,
+        every=args.every,
+        timeout=args.timeout.total_seconds() if args.timeout else None,
+    )
 
 
 def _command(args: argparse.Namespace) -> int:
