@@ -21,8 +21,12 @@ def replay(
     """Replay a scenario file and return its decisions."""
     code = main(["replay", "--policy", str(policy), "--input", str(HERE / f"{name}.jsonl"), *flags])
     captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return [json.loads(line) for line in captured.out.splitlines()]
+    decisions = [json.loads(line) for line in captured.out.splitlines()]
+    real = [d["action"] for d in decisions if not d.get("dry_run")]
+    verdicts = [a for a in real if a in ("promote", "rollback")]
+    expected = {"promote": 0, "rollback": 1}[verdicts[-1]] if verdicts else 3
+    assert code == expected, captured.err  # like validate: 0 promoted, 1 rolled back, 3 none
+    return decisions
 
 
 def actions(decisions: list[dict[str, Any]]) -> list[str]:

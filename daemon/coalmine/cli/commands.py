@@ -16,8 +16,10 @@ import anyio
 from coalmine import __version__
 from coalmine.app import prepare, run_until_signalled
 from coalmine.cli import client
+from coalmine.cli.backtest import parse_time
+from coalmine.cli.backtest_command import backtest_command
 from coalmine.cli.demo import run_demo
-from coalmine.cli.replay import format_table, parse_records, replay
+from coalmine.cli.replay import format_table, parse_records, replay, verdict
 from coalmine.cli.status import status as show_status
 from coalmine.cli.validate import validate
 from coalmine.durations import parse_duration
@@ -48,7 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(handler=_schema)
 
-    rep = commands.add_parser("replay", help="run the engine over recorded observations")
+    rep = commands.add_parser(
+        "replay",
+        help="run the engine over recorded observations",
+        description="Exit 0 promoted, 1 rolled back, 3 no verdict, 2 bad input.",
+    )
     rep.add_argument("--policy", required=True, metavar="P", help="policy file")
     rep.add_argument(
         "--input", required=True, metavar="FILE", help="JSON Lines observations, - for stdin"
@@ -71,6 +77,23 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     _operator_commands(commands)
+
+    back = commands.add_parser(
+        "backtest",
+        help="the policy replayed on real Prometheus/Cloudflare history",
+        description="Fetch each rule's history and run the engine over it. "
+        "Exit 0 promoted, 1 rolled back, 3 no verdict, 2 bad input.",
+    )
+    back.add_argument("--policy", required=True, metavar="P", help="policy file")
+    back.add_argument("--script", help="script name (default: the policy's first script)")
+    back.add_argument("--from", dest="start", required=True, metavar="T1", help="RFC 3339 time")
+    back.add_argument("--to", dest="end", required=True, metavar="T2", help="RFC 3339 time")
+    back.add_argument("--canary", metavar="V", help="the canary version (with --stable)")
+    back.add_argument("--stable", metavar="V", help="the stable version (with --canary)")
+    back.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    back.add_argument("--format", choices=("table", "jsonl"), default="table")
+    back.add_argument("--dry", action="store_true", help="print the queries it would run")
+    back.set_defaults(handler=_backtest)
 
     gate = commands.add_parser(
         "validate",
@@ -184,14 +207,26 @@ def _replay(args: argparse.Namespace) -> int:
         raise ReplayFormatError(name, 0, f"cannot read: {exc.strerror}") from None
     with stream:
         records = parse_records(stream, name, (rule.name for rule in policy.rules))
-        decisions = replay(engine, records, script)
+        decisions = list(replay(engine, records, script))
         if args.format == "table":
             for line in format_table(decisions):
                 print(line)
         else:
             for decision in decisions:
                 print(json.dumps(decision.to_dict()))
-    return 0
+    return verdict(decisions)
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    policy = load_policy(args.policy)
+    script = args.script or policy.scripts[0]
+    start, end = parse_time(args.start), parse_time(args.end)
+    if end <= start:
+        raise ConfigError("--to must be after --from")
+    if (args.canary is None) != (args.stable is None):
+        raise ConfigError("--canary and --stable go together")
+    return anyio.run(backtest_command, settings, policy, script, start, end, args)
 
 
 def _run(_: argparse.Namespace) -> int:
