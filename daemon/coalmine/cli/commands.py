@@ -15,7 +15,7 @@ import anyio
 
 from coalmine import __version__
 from coalmine.app import prepare, run_until_signalled
-from coalmine.cli import client
+from coalmine.cli import client, sandbox
 from coalmine.cli.backtest import parse_time
 from coalmine.cli.backtest_command import backtest_command
 from coalmine.cli.demo import run_demo
@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(handler=_journal_verify)
     export.set_defaults(handler=_journal_export)
 
+    _sandbox_commands(commands)
+
     demo = commands.add_parser("demo", help="a simulated Worker: a healthy and a faulty canary")
     demo.add_argument("--format", choices=("table", "jsonl"), default="table")
     demo.add_argument("--offline", action="store_true", help="the engine on a virtual clock only")
@@ -164,6 +166,36 @@ def _operator_commands(commands: Any) -> None:
         sub.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
         _who_and_why(sub)
         sub.set_defaults(handler=_command, kind=kind, version=None)
+
+
+def _sandbox_commands(commands: Any) -> None:
+    """``sandbox`` and ``sandbox ship``."""
+    box = commands.add_parser(
+        "sandbox",
+        help="simulator + Prometheus + daemon on printed ports and token, to drive by hand",
+        description="Run the sandbox until Ctrl-C; `coalmine sandbox ship SCRIPT` starts a canary.",
+    )
+    box.add_argument(
+        "--port-base",
+        type=int,
+        default=sandbox.BASE_PORT,
+        metavar="N",
+        help="the daemon on N (default 9300), the rest on N+90..N+96; 0: any free ports",
+    )
+    box.set_defaults(handler=_sandbox)
+    box_commands = box.add_subparsers(dest="sandbox_command", metavar="ACTION")
+    shipping = box_commands.add_parser("ship", help="upload a new version and start its canary")
+    shipping.add_argument("script")
+    shipping.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"inject a fault: {', '.join(sandbox.FAULTS)} (e.g. error-rate=5%%)",
+    )
+    shipping.add_argument("--at", metavar="WEIGHT", help="once the canary reaches it, e.g. 50%%")
+    shipping.add_argument("--control", default=sandbox.CONTROL, help="the sandbox's control URL")
+    shipping.set_defaults(handler=_ship)
 
 
 def _who_and_why(parser: argparse.ArgumentParser) -> None:
@@ -294,6 +326,14 @@ def _journal_export(args: argparse.Namespace) -> int:
             with Path(args.output).open("w", encoding="utf-8") as out:
                 out.writelines(lines)
     return 0
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    return sandbox.run_sandbox(args.port_base)
+
+
+def _ship(args: argparse.Namespace) -> int:
+    return sandbox.ship(args.control, args.script, args.fault, args.at)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -48,8 +48,13 @@ def _rollout(r: dict[str, Any], paint: Callable[[str, str], str]) -> list[str]:
     if not r["canary"]:
         stable = r["stable"] or "no deployment seen yet"
         return [f"{head}{dry}  stable {_short(stable)}"]
-    step = f"step {r['step']}/{len(r['steps'])}" if r["step"] else ""
-    lines = [f"{head}{dry}  {step}  canary {_short(r['canary'])} over {_short(r['stable'])}"]
+    step = f"  step {r['step']}/{len(r['steps'])}" if r["step"] else ""
+    lines = [f"{head}{dry}{step}  canary {_short(r['canary'])} over {_short(r['stable'])}"]
+    if phase == "rolled_back":
+        live = r.get("live")
+        now = f" (live: {_describe(live)})" if live and live.get("canary") else ""
+        lines.append(f"  rolled back: {_short(r['stable'])} at 100%{now}")
+        return lines
     lines.append("  " + _split(r))
     lines += ["  " + text for text in _progress(r)]
     lines += ["  " + text for text in _rules(r, paint)]
