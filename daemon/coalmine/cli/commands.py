@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from coalmine import __version__
-from coalmine.app import prepare, run_until_signalled
+from coalmine.app import check_live_settings, prepare, run_until_signalled
 from coalmine.cli import client, sandbox
 from coalmine.cli.backtest import parse_time
 from coalmine.cli.backtest_command import backtest_command
@@ -264,7 +264,14 @@ def _backtest(args: argparse.Namespace) -> int:
 def _run(_: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
-    policies = prepare(settings)
+    try:
+        policies = prepare(settings)
+    except PolicyError:
+        try:  # name every missing piece at once, not the policy first and the token next time
+            check_live_settings(settings, [])
+        except ConfigError as exc:
+            print(f"coalmine: {exc}", file=sys.stderr)
+        raise
     anyio.run(run_until_signalled, settings, policies)
     return 0
 
@@ -301,7 +308,8 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _open_store(args: argparse.Namespace) -> Store:
-    path = Path(args.state) if args.state else load_settings().state_path
+    # the form COALMINE_STATE_URL takes (sqlite:///PATH) works as well as a bare path
+    path = Path(args.state.removeprefix("sqlite:///")) if args.state else load_settings().state_path
     if not path.is_file():
         raise ConfigError(f"no state database at {path} (set COALMINE_STATE_URL or --state)")
     return Store(path)
@@ -319,13 +327,25 @@ def _journal_verify(args: argparse.Namespace) -> int:
 
 def _journal_export(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
-        lines = (json.dumps(entry.to_dict()) + "\n" for entry in store.journal(since=args.since))
-        if args.output == "-":
-            sys.stdout.writelines(lines)
-        else:
-            with Path(args.output).open("w", encoding="utf-8") as out:
-                out.writelines(lines)
+        entries = store.journal(since=args.since)
+        try:
+            _write_journal(args.output, (json.dumps(e.to_dict()) + "\n" for e in entries))
+        finally:
+            if isinstance(entries, Generator):  # its cursor closes before the database does
+                entries.close()
     return 0
+
+
+def _write_journal(output: str, lines: Iterator[str]) -> None:
+    if output != "-":
+        with Path(output).open("w", encoding="utf-8") as out:
+            out.writelines(lines)
+        return
+    try:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (`| head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _sandbox(args: argparse.Namespace) -> int:
