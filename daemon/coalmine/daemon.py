@@ -11,6 +11,7 @@ missed ticks coalesced.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -58,6 +59,7 @@ class CommandQueued(CoalmineError):
     """An operator command is being applied by a tick that has not finished yet."""
 
 
+HISTORY = 120  # values kept per rule for the status page: an hour at a 30s interval
 STUCK_PAGE_AFTER = timedelta(minutes=2)  # page when a traffic change stays unapplied this long
 ACTIVE = (RolloutPhase.CANARY, RolloutPhase.PAUSED, RolloutPhase.PROMOTED, RolloutPhase.STOOD_DOWN)
 
@@ -104,6 +106,8 @@ class ScriptLoop:
         self.engine = engine
         self.state = state
         self.recent: list[Decision] = []
+        # each rule's recent canary values, for the status page's charts
+        self.history: dict[str, deque[tuple[datetime, float | None]]] = {}
         self._shared = shared
         self._rules: dict[str, Rule] = {r.name: r for r in policy.rules}
         self._versions: dict[str, Version] = {}
@@ -322,6 +326,7 @@ class ScriptLoop:
                     **extra,
                 )
         shared.metrics.record(state, self.engine.rules, decisions)
+        self._remember(before, state, now)
         if any(intent_for(d) for d in decisions):  # apply now, not at the next tick
             for intent, result in await shared.actuator.reconcile(self.script):
                 failed = isinstance(result, Exception)
@@ -335,6 +340,18 @@ class ScriptLoop:
                         error=str(result),
                     )
         return decisions
+
+    def now(self) -> datetime:
+        """The daemon's clock."""
+        return self._shared.clock()
+
+    def _remember(self, before: RolloutState, state: RolloutState, now: datetime) -> None:
+        """Keep the rules' latest values (a new canary starts afresh)."""
+        if state.canary != before.canary:
+            self.history = {}
+        for name, track in state.rules.items():
+            kept = self.history.setdefault(name, deque(maxlen=HISTORY))
+            kept.append((now, track.value))
 
     def _persist(
         self,
@@ -486,7 +503,7 @@ def rollout_links(public_url: str, script: str) -> dict[str, str]:
     name = quote(script, safe="")
     return {
         "coalmine rollout (API)": f"{base}/api/v1/rollouts/{name}",
-        "coalmine status page": f"{base}/#{name}",
+        "coalmine status page": f"{base}/#{name}",  # the page's section for the script
     }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import math
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, get_args
 from urllib.parse import unquote
@@ -25,6 +26,7 @@ from coalmine import __version__
 from coalmine.daemon import CommandFailed, CommandQueued, ScriptLoop
 from coalmine.engine import Command
 from coalmine.engine.model import CommandKind, encode_float
+from coalmine.server import page
 from coalmine.server.health import Health
 from coalmine.server.httpserver import Request, Response
 from coalmine.server.metrics import Metrics
@@ -77,6 +79,8 @@ class Api:
     async def __call__(self, request: Request) -> Response:
         """Handle one request."""
         segments = _segments(request.path)
+        if not segments and request.method in ("GET", "HEAD"):
+            return self._get_page()
         for template, (method, handler) in self._routes.items():
             params = _match(template, segments)
             if params is None:
@@ -90,6 +94,23 @@ class Api:
                 404, {"error": f"unknown command {segments[4]!r}; one of {', '.join(COMMANDS)}"}
             )
         return _json(404, {"error": "not found"})
+
+    def _get_page(self) -> Response:
+        """The read-only status page (no token: it shows what the open GET routes show)."""
+        rollouts = [loop.describe() for loop in self._loops.values()]
+        history = {
+            s: {n: list(v) for n, v in loop.history.items()} for s, loop in self._loops.items()
+        }
+        now = max((loop.now() for loop in self._loops.values()), default=datetime.now(UTC))
+        html = page.render(_finite(rollouts), history, now)
+        return Response(
+            200,
+            html.encode(),
+            [
+                ("content-type", "text/html; charset=utf-8"),
+                ("content-security-policy", page.POLICY),
+            ],
+        )
 
     async def _get_metrics(self, request: Request, params: Params) -> Response:
         self._metrics.outbox_backlog.set(self._backlog())
