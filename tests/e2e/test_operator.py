@@ -61,6 +61,7 @@ async def test_pause_twice_exits_0_and_the_journal_records_who_and_why(
     pause = next(e for e in entries if e["action"] == "pause")
     assert pause["actor"] == "ana"
     assert (pause["body"]["requested_by"], pause["body"]["request_reason"]) == ("ana", "INC-42")
+    assert any("(ana — INC-42)" in str(m["text"]) for m in h.sim.slack_messages)
     resume = next(e for e in entries if e["action"] == "resume")
     assert resume["body"]["request_reason"] == "fixed"
     assert resume["actor"] not in ("operator", "", None)  # the OS user by default

@@ -22,6 +22,7 @@ from coalmine.durations import format_duration
 from coalmine.engine.judge import CompiledRule, judge, judge_compare
 from coalmine.engine.lifecycle import Event, RolloutPhase, allowed, transition
 from coalmine.engine.model import Command, Decision, Deployment, Observation, Options, format_time
+from coalmine.engine.outages import also_inconclusive, outage_paged
 from coalmine.engine.state import RolloutState, RuleStatus, RuleTrack, replace_track
 from coalmine.engine.windows import inside_window, next_opening
 from coalmine.policy import Policy
@@ -282,10 +283,10 @@ class Engine:
             and not inconclusive_paged
             and track.inconclusive_since is not None
             and run.now >= track.inconclusive_since + self._page_after
-            and not self._outage_paged(run.s, rule)
+            and not outage_paged(self._source, run.s, rule.name)
         ):
             since = _when(track.inconclusive_since)
-            also = self._also_inconclusive(run.s, rule)
+            also = also_inconclusive(self._source, run.s, rule.name, self._active_rules(run.s))
             what = (
                 f"{self._source[rule.name]} rules {', '.join([rule.name, *also])}"
                 if also
@@ -312,31 +313,6 @@ class Engine:
         if (paged, inconclusive_paged) == (track.paged, track.inconclusive_paged):
             return track
         return _with_pages(track, paged, inconclusive_paged)
-
-    def _outage_paged(self, s: RolloutState, rule: CompiledRule) -> bool:
-        """Whether an inconclusive page for another rule of the same source is open: one
-        source outage pages once, not once per rule; a rule still inconclusive after that
-        page resolves pages on its own."""
-        source = self._source[rule.name]
-        return any(
-            name != rule.name
-            and self._source.get(name) == source
-            and track.inconclusive_paged
-            and track.inconclusive_since is not None
-            for name, track in s.rules.items()
-        )
-
-    def _also_inconclusive(self, s: RolloutState, rule: CompiledRule) -> list[str]:
-        """The other gating rules of the rule's source that are inconclusive too."""
-        source = self._source[rule.name]
-        return [
-            other.name
-            for other in self._active_rules(s)
-            if other.name != rule.name
-            and other.gating
-            and self._source[other.name] == source
-            and s.rules.get(other.name, _EMPTY).inconclusive_since is not None
-        ]
 
     def _page(
         self, run: _Run, rule: CompiledRule, track: RuleTrack, severity: str, note: str = ""

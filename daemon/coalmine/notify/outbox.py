@@ -113,7 +113,8 @@ def _slack_text(d: Decision) -> str:
         "complete": ":white_check_mark:",
     }.get(d.action, ":bird:")
     dry = "[DRY RUN] " if d.dry_run else ""
-    return f"{icon} {dry}*{d.script}* {d.action}: {d.reason}"
+    who = " — ".join(x for x in (d.requested_by, d.request_reason) if x)
+    return f"{icon} {dry}*{d.script}* {d.action}: {d.reason}" + (f" ({who})" if who else "")
 
 
 def _annotation(d: Decision, started: datetime, outcome: str) -> dict[str, Any]:
