@@ -11,6 +11,7 @@ missed ticks coalesced.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -44,11 +45,13 @@ from coalmine.engine import (
     RolloutState,
     RuleTrack,
 )
+from coalmine.engine.judge import CompiledRule
 from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
 from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, notifications, plain
 from coalmine.policy import Policy, Rule
+from coalmine.progress import progress, rollout_links
 from coalmine.replicas import LeaseKeeper, decision_from
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
@@ -69,6 +72,7 @@ class CommandQueued(CoalmineError):
     """An operator command is being applied by a tick that has not finished yet."""
 
 
+HISTORY = 120  # values kept per rule for the status page: an hour at a 30s interval
 STUCK_PAGE_AFTER = timedelta(minutes=2)  # page when a traffic change stays unapplied this long
 ACTIVE = (RolloutPhase.CANARY, RolloutPhase.PAUSED, RolloutPhase.PROMOTED, RolloutPhase.STOOD_DOWN)
 
@@ -88,6 +92,7 @@ class Shared:
     discovery_interval: timedelta
     guard: Guard  # rollbacks and their pages when the store cannot record
     fetch_timeout: float = 20.0
+    public_url: str = "http://127.0.0.1:9300"  # links in pages point here
     # Deployment reads in flight at once, over all loops. The rest wait here, at no cost:
     # waiting in httpcore's pool instead, each request start and end rescans every waiting
     # request, so 1,000 loops reading at once take seconds of CPU each and never catch up.
@@ -118,6 +123,8 @@ class ScriptLoop:
         self.engine = engine
         self.state = state
         self.recent: list[Decision] = []
+        # each rule's recent canary values, for the status page's charts
+        self.history: dict[str, deque[tuple[datetime, float | None]]] = {}
         self._shared = shared
         self._rules: dict[str, Rule] = {r.name: r for r in policy.rules}
         self._versions: dict[str, Version] = {}
@@ -125,6 +132,7 @@ class ScriptLoop:
         self._stuck_paged = False
         self._blocked: str | None = None
         self._refusal: str | None = None  # why Cloudflare refused a change for good
+        self._change_error: tuple[str, str] | None = None  # (kind, error) of a failed change
         self._wake = anyio.Event()
         self._next_policy: tuple[Policy, Engine] | None = None  # reloaded, not in use yet
         self._stopping = False
@@ -320,6 +328,7 @@ class ScriptLoop:
                 self.state = state
             if isinstance(applied, Exception):
                 stuck = (intent, applied)
+                self._change_error = (intent.kind, str(applied))
                 log.warning(
                     "traffic change not applied yet",
                     script=self.script,
@@ -334,6 +343,8 @@ class ScriptLoop:
             await self._notify_stuck(now, *stuck)
         elif stuck is None and self._stuck_paged:
             await self._notify_stuck(now)
+        if stuck is None:
+            self._change_error = None
         return stuck is not None
 
     async def _notify_stuck(
@@ -433,10 +444,21 @@ class ScriptLoop:
             shared.outbox.wake()
             self.recent = (self.recent + decisions)[-50:]
             for d in decisions:
-                log.info(
-                    d.reason, script=self.script, action=d.action, rule=d.rule, canary=d.canary
+                # a rollback or a page needs a person's eyes: log it where they look
+                level = log.warning if d.action in ("rollback", "page") else log.info
+                extra: dict[str, Any] = {"dry_run": True} if d.dry_run else {}
+                if d.requested_by:
+                    extra["requested_by"] = d.requested_by
+                level(
+                    d.reason,
+                    script=self.script,
+                    action=d.action,
+                    rule=d.rule,
+                    canary=d.canary,
+                    **extra,
                 )
         shared.metrics.record(state, self.engine.rules, decisions)
+        self._remember(before, state, now)
         if any(intent_for(d) for d in decisions):  # apply now, not at the next tick
             for intent, result in await shared.actuator.reconcile(self.script):
                 failed = isinstance(result, Exception)
@@ -444,6 +466,7 @@ class ScriptLoop:
                 if isinstance(result, Applied) and result.refused:
                     await self._withdraw(intent, result, now)
                 elif failed:
+                    self._change_error = (intent.kind, str(result))
                     log.warning(
                         "traffic change failed; retrying next tick",
                         script=self.script,
@@ -454,6 +477,18 @@ class ScriptLoop:
             await shared.guard.send_pages()
         return decisions
 
+    def now(self) -> datetime:
+        """The daemon's clock."""
+        return self._shared.clock()
+
+    def _remember(self, before: RolloutState, state: RolloutState, now: datetime) -> None:
+        """Keep the rules' latest values (a new canary starts afresh)."""
+        if state.canary != before.canary:
+            self.history = {}
+        for name, track in state.rules.items():
+            kept = self.history.setdefault(name, deque(maxlen=HISTORY))
+            kept.append((now, track.value))
+
     async def _persist(
         self,
         before: RolloutState,
@@ -462,9 +497,14 @@ class ScriptLoop:
         now: datetime,
         live: LiveDeployment | None,
     ) -> None:
-        entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
+        entries = [
+            NewEntry(d.t, self.script, d.requested_by or d.actor, d.action, d.to_dict())
+            for d in decisions
+        ]
         intents = intents_for(decisions, live, before.to_json())
-        notes = notifications(decisions, before)
+        notes = notifications(
+            decisions, before, rollout_links(self._shared.public_url, self.script)
+        )
         try:
             await self._shared.store.commit(
                 self.script, state.to_json(), entries, notes, now, intents
@@ -538,11 +578,13 @@ class ScriptLoop:
         return Observation(rule.name, target.role, None, None, f"timeout after {limit:g}s")
 
     def describe(self) -> dict[str, Any]:
-        """The rollout as the admin API shows it."""
+        """The rollout as the admin API shows it (and ``coalmine status`` and ``GET /``)."""
         s = self.state
+        compiled = {r.name: r for r in self.engine.rules}
         rules = {
             name: {
                 "status": t.status.value,
+                **_rule_bounds(compiled.get(name)),
                 "value": t.value,
                 "stable_value": t.stable_value,
                 "samples": t.samples,
@@ -564,6 +606,14 @@ class ScriptLoop:
             "steps": [step.weight for step in self.policy.steps],
             "rules": rules,
             "recent_decisions": [d.to_dict() for d in self.recent[-20:]],
+            **progress(
+                self.state,
+                self.policy,
+                self.engine,
+                self._shared.clock(),
+                self._blocked,
+                self._change_error or (("traffic", self._refusal) if self._refusal else None),
+            ),
             **self._lease_fields(),
         }
 
@@ -616,6 +666,17 @@ def scheduled(now: datetime, lateness: float, interval: timedelta) -> datetime:
     if 0.0 < lateness < min(1.0, interval.total_seconds() / 10):
         return now - timedelta(seconds=lateness)
     return now
+
+
+def _rule_bounds(rule: CompiledRule | None) -> dict[str, Any]:
+    """A rule's threshold and direction, so a reader sees the value against its limit."""
+    if rule is None:
+        return {}
+    return {
+        "threshold": rule.threshold,
+        "operator": ">" if rule.above else "<",
+        "on_breach": rule.on_breach,
+    }
 
 
 def _compare_fields(track: RuleTrack) -> dict[str, Any]:
