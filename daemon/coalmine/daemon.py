@@ -43,15 +43,12 @@ from coalmine.engine import (
     Observation,
     RolloutPhase,
     RolloutState,
-    RuleTrack,
 )
-from coalmine.engine.judge import CompiledRule
-from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
 from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, notifications, plain
 from coalmine.policy import Policy, Rule
-from coalmine.progress import progress, rollout_links
+from coalmine.progress import progress, rollout_links, rules_view
 from coalmine.replicas import LeaseKeeper, decision_from
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
@@ -133,6 +130,7 @@ class ScriptLoop:
         self._blocked: str | None = None
         self._refusal: str | None = None  # why Cloudflare refused a change for good
         self._change_error: tuple[str, str] | None = None  # (kind, error) of a failed change
+        self._frozen_reason: str | None = None  # the incident freeze at the last tick
         self._wake = anyio.Event()
         self._next_policy: tuple[Policy, Engine] | None = None  # reloaded, not in use yet
         self._stopping = False
@@ -409,7 +407,7 @@ class ScriptLoop:
         now: datetime,
     ) -> list[Decision]:
         state, decisions = self.state, []
-        frozen = await self._frozen()
+        frozen = self._frozen_reason = await self._frozen()
         if live is not None:
             if any(v not in self._versions for v, _ in live.versions):
                 self._versions = await self._shared.cloudflare.versions(self.script)
@@ -580,21 +578,6 @@ class ScriptLoop:
     def describe(self) -> dict[str, Any]:
         """The rollout as the admin API shows it (and ``coalmine status`` and ``GET /``)."""
         s = self.state
-        compiled = {r.name: r for r in self.engine.rules}
-        rules = {
-            name: {
-                "status": t.status.value,
-                **_rule_bounds(compiled.get(name)),
-                "value": t.value,
-                "stable_value": t.stable_value,
-                "samples": t.samples,
-                "breaching": t.breaching,
-                "breached_since": t.breached_since.isoformat() if t.breached_since else None,
-                "detail": t.detail,
-                **_compare_fields(t),
-            }
-            for name, t in s.rules.items()
-        }
         return {
             "script": self.script,
             "policy": self.policy.name,
@@ -604,7 +587,7 @@ class ScriptLoop:
             "canary_percent": s.canary_percent,
             "step": s.step + 1 if s.phase in ACTIVE else 0,
             "steps": [step.weight for step in self.policy.steps],
-            "rules": rules,
+            "rules": rules_view(self.engine, s),
             "recent_decisions": [d.to_dict() for d in self.recent[-20:]],
             **progress(
                 self.state,
@@ -612,6 +595,7 @@ class ScriptLoop:
                 self.engine,
                 self._shared.clock(),
                 self._blocked,
+                self._frozen_reason,
                 self._change_error or (("traffic", self._refusal) if self._refusal else None),
             ),
             **self._lease_fields(),
@@ -666,35 +650,6 @@ def scheduled(now: datetime, lateness: float, interval: timedelta) -> datetime:
     if 0.0 < lateness < min(1.0, interval.total_seconds() / 10):
         return now - timedelta(seconds=lateness)
     return now
-
-
-def _rule_bounds(rule: CompiledRule | None) -> dict[str, Any]:
-    """A rule's threshold and direction, so a reader sees the value against its limit."""
-    if rule is None:
-        return {}
-    return {
-        "threshold": rule.threshold,
-        "operator": ">" if rule.above else "<",
-        "on_breach": rule.on_breach,
-    }
-
-
-def _compare_fields(track: RuleTrack) -> dict[str, Any]:
-    """A compare rule's interval and counts, for the admin API (nothing for other rules)."""
-    ev = track.evidence
-    if track.interval_low is None or track.interval_high is None:
-        return {}
-    return {
-        "interval": [encode_float(track.interval_low), encode_float(track.interval_high)],
-        "counts": None
-        if ev is None
-        else {
-            "canary_events": ev.canary_events,
-            "canary_samples": ev.canary_samples,
-            "stable_events": ev.stable_events,
-            "stable_samples": ev.stable_samples,
-        },
-    }
 
 
 Sleep = Callable[[float], Awaitable[None]]

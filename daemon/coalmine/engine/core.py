@@ -179,12 +179,14 @@ class Engine:
             ]
         return run.done()
 
-    def waiting_for(self, state: RolloutState, now: datetime) -> list[str]:
+    def waiting_for(
+        self, state: RolloutState, now: datetime, frozen: str | None = None
+    ) -> list[str]:
         """What keeps a canary from advancing at ``now``, in words (empty: nothing does).
 
         The hold still running is not listed: the caller shows it as time remaining.
         """
-        return gates.waiting_for(self, state, now)
+        return gates.waiting_for(self, state, now, frozen)
 
     def tick(
         self,

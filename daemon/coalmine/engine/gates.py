@@ -117,9 +117,11 @@ def blockers(
     return found
 
 
-def waiting_for(engine: Engine, s: RolloutState, now: datetime) -> list[str]:
+def waiting_for(
+    engine: Engine, s: RolloutState, now: datetime, frozen: str | None = None
+) -> list[str]:
     """What keeps a canary from advancing at ``now``, in words (empty: nothing does); the
     hold still running is not listed (shown as time remaining)."""
     if s.phase not in (P.CANARY, P.PAUSED):
         return []
-    return [b.reason for b in blockers(engine, s, now, None)]
+    return [b.reason for b in blockers(engine, s, now, frozen)]
