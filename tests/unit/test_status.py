@@ -110,3 +110,13 @@ def test_an_idle_script_is_one_line() -> None:
     assert render([rollout(phase="idle", canary=None, canary_percent=0, step=0)]) == [
         "slidecraft-api  IDLE  stable 9a8b7c6d"
     ]
+
+
+def test_status_names_the_replica_holding_each_script() -> None:
+    """Replicas: the headline names the lease's holder and epoch, "-" while none holds it;
+    a daemon running alone (no lease field) shows no holder."""
+    held = render([rollout(lease={"holder": "coalmine-1", "epoch": 4})])
+    lapsed = render([rollout(lease={"holder": None, "epoch": 4})])
+    assert held[0].startswith("slidecraft-api  CANARY  holder coalmine-1@4  step 1/3")
+    assert "holder -" in lapsed[0]
+    assert "holder" not in render([rollout()])[0]
