@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: test lint typecheck unit demo bench clean system-deps system-deps-prometheus \
-	system-deps-postgresql
+	system-deps-postgresql browser-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,7 +58,21 @@ system-deps-postgresql:
 	  fi; \
 	fi
 
-unit: $(STAMP) system-deps
+# The status page's test renders it in a real headless browser: Debian's chromium, likewise.
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  echo "Installing Debian's chromium package for the status page's browser test..."; \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo -n"; fi; \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $$sudo apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    echo "warning: could not install chromium; the status page's browser test will be skipped"; \
+	  else \
+	    echo "warning: no apt-get; install chromium to run the status page's browser test"; \
+	  fi; \
+	fi
+
+unit: $(STAMP) system-deps browser-deps
 	$(BIN)/pytest
 
 test: lint typecheck unit

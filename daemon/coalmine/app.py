@@ -427,6 +427,7 @@ async def open_daemon(
             guard,
             freeze=freeze,
             leases=keeper,
+            public_url=settings.public_url or _listen_url(settings),
         )
         saved = await store.states()
         loops = {}
@@ -502,3 +503,10 @@ async def run_until_signalled(settings: Settings, policies: list[Policy]) -> Non
 
                 tg.start_soon(watch_signals)
                 await daemon.serve()
+
+
+def _listen_url(settings: Settings) -> str:
+    """``http://`` and the listen address (a wildcard host is named as loopback)."""
+    host, port = settings.listen_address
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -15,6 +15,7 @@ missed ticks coalesced.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -46,13 +47,12 @@ from coalmine.engine import (
     Observation,
     RolloutPhase,
     RolloutState,
-    RuleTrack,
 )
-from coalmine.engine.model import encode_float
 from coalmine.errors import CoalmineError, StoreError
 from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, notifications, plain
 from coalmine.policy import Policy, Rule
+from coalmine.progress import progress, rollout_links, rules_view
 from coalmine.replicas import LeaseKeeper, decision_from
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
@@ -73,6 +73,7 @@ class CommandQueued(CoalmineError):
     """An operator command is being applied by a tick that has not finished yet."""
 
 
+HISTORY = 120  # values kept per rule for the status page: an hour at a 30s interval
 STUCK_PAGE_AFTER = timedelta(minutes=2)  # page when a traffic change stays unapplied this long
 ACTIVE = (RolloutPhase.CANARY, RolloutPhase.PAUSED, RolloutPhase.PROMOTED, RolloutPhase.STOOD_DOWN)
 
@@ -92,6 +93,7 @@ class Shared:
     discovery_interval: timedelta
     guard: Guard  # rollbacks and their pages when the store cannot record
     fetch_timeout: float = 20.0
+    public_url: str = "http://127.0.0.1:9300"  # links in pages point here
     # Deployment reads in flight at once, over all loops. The rest wait here, at no cost:
     # waiting in httpcore's pool instead, each request start and end rescans every waiting
     # request, so 1,000 loops reading at once take seconds of CPU each and never catch up.
@@ -122,6 +124,8 @@ class ScriptLoop:
         self.engine = engine
         self.state = state
         self.recent: list[Decision] = []
+        # each rule's recent canary values, for the status page's charts
+        self.history: dict[str, deque[tuple[datetime, float | None]]] = {}
         self._shared = shared
         self._rules: dict[str, Rule] = {r.name: r for r in policy.rules}
         self._versions: dict[str, Version] = {}
@@ -129,6 +133,8 @@ class ScriptLoop:
         self._stuck_paged = False
         self._blocked: str | None = None
         self._refusal: str | None = None  # why Cloudflare refused a change for good
+        self._change_error: tuple[str, str] | None = None  # (kind, error) of a failed change
+        self._frozen_reason: str | None = None  # the incident freeze at the last tick
         self._wake = anyio.Event()
         self._next_policy: tuple[Policy, Engine] | None = None  # reloaded, not in use yet
         self._stopping = False
@@ -324,6 +330,7 @@ class ScriptLoop:
                 self.state = state
             if isinstance(applied, Exception):
                 stuck = (intent, applied)
+                self._change_error = (intent.kind, str(applied))
                 log.warning(
                     "traffic change not applied yet",
                     script=self.script,
@@ -338,6 +345,8 @@ class ScriptLoop:
             await self._notify_stuck(now, *stuck)
         elif stuck is None and self._stuck_paged:
             await self._notify_stuck(now)
+        if stuck is None:
+            self._change_error = None
         return stuck is not None
 
     async def _notify_stuck(
@@ -404,7 +413,7 @@ class ScriptLoop:
         now: datetime,
     ) -> list[Decision]:
         state, decisions = self.state, []
-        frozen = await self._frozen()
+        frozen = self._frozen_reason = await self._frozen()
         if live is not None:
             if any(v not in self._versions for v, _ in live.versions):
                 self._versions = await self._shared.cloudflare.versions(self.script)
@@ -439,10 +448,21 @@ class ScriptLoop:
             shared.outbox.wake()
             self.recent = (self.recent + decisions)[-50:]
             for d in decisions:
-                log.info(
-                    d.reason, script=self.script, action=d.action, rule=d.rule, canary=d.canary
+                # a rollback or a page needs a person's eyes: log it where they look
+                level = log.warning if d.action in ("rollback", "page") else log.info
+                extra: dict[str, Any] = {"dry_run": True} if d.dry_run else {}
+                if d.requested_by:
+                    extra["requested_by"] = d.requested_by
+                level(
+                    d.reason,
+                    script=self.script,
+                    action=d.action,
+                    rule=d.rule,
+                    canary=d.canary,
+                    **extra,
                 )
         shared.metrics.record(state, self.engine.rules, decisions)
+        self._remember(before, state, now)
         if any(intent_for(d) for d in decisions):  # apply now, not at the next tick
             for intent, result in await shared.actuator.reconcile(self.script):
                 failed = isinstance(result, Exception)
@@ -450,6 +470,7 @@ class ScriptLoop:
                 if isinstance(result, Applied) and result.refused:
                     await self._withdraw(intent, result, now)
                 elif failed:
+                    self._change_error = (intent.kind, str(result))
                     log.warning(
                         "traffic change failed; retrying next tick",
                         script=self.script,
@@ -460,6 +481,18 @@ class ScriptLoop:
             await shared.guard.send_pages()
         return decisions
 
+    def now(self) -> datetime:
+        """The daemon's clock."""
+        return self._shared.clock()
+
+    def _remember(self, before: RolloutState, state: RolloutState, now: datetime) -> None:
+        """Keep the rules' latest values (a new canary starts afresh)."""
+        if state.canary != before.canary:
+            self.history = {}
+        for name, track in state.rules.items():
+            kept = self.history.setdefault(name, deque(maxlen=HISTORY))
+            kept.append((now, track.value))
+
     async def _persist(
         self,
         before: RolloutState,
@@ -468,9 +501,14 @@ class ScriptLoop:
         now: datetime,
         live: LiveDeployment | None,
     ) -> None:
-        entries = [NewEntry(d.t, self.script, d.actor, d.action, d.to_dict()) for d in decisions]
+        entries = [
+            NewEntry(d.t, self.script, d.requested_by or d.actor, d.action, d.to_dict())
+            for d in decisions
+        ]
         intents = intents_for(decisions, live, before.to_json())
-        notes = notifications(decisions, before)
+        notes = notifications(
+            decisions, before, rollout_links(self._shared.public_url, self.script)
+        )
         try:
             await self._shared.store.commit(
                 self.script, state.to_json(), entries, notes, now, intents
@@ -544,21 +582,8 @@ class ScriptLoop:
         return Observation(rule.name, target.role, None, None, f"timeout after {limit:g}s")
 
     def describe(self) -> dict[str, Any]:
-        """The rollout as the admin API shows it."""
+        """The rollout as the admin API shows it (and ``coalmine status`` and ``GET /``)."""
         s = self.state
-        rules = {
-            name: {
-                "status": t.status.value,
-                "value": t.value,
-                "stable_value": t.stable_value,
-                "samples": t.samples,
-                "breaching": t.breaching,
-                "breached_since": t.breached_since.isoformat() if t.breached_since else None,
-                "detail": t.detail,
-                **_compare_fields(t),
-            }
-            for name, t in s.rules.items()
-        }
         return {
             "script": self.script,
             "policy": self.policy.name,
@@ -568,8 +593,17 @@ class ScriptLoop:
             "canary_percent": s.canary_percent,
             "step": s.step + 1 if s.phase in ACTIVE else 0,
             "steps": [step.weight for step in self.policy.steps],
-            "rules": rules,
+            "rules": rules_view(self.engine, s),
             "recent_decisions": [d.to_dict() for d in self.recent[-20:]],
+            **progress(
+                self.state,
+                self.policy,
+                self.engine,
+                self._shared.clock(),
+                self._blocked,
+                self._frozen_reason,
+                self._change_error or (("traffic", self._refusal) if self._refusal else None),
+            ),
             **self._lease_fields(),
         }
 
@@ -622,24 +656,6 @@ def scheduled(now: datetime, lateness: float, interval: timedelta) -> datetime:
     if 0.0 < lateness < min(1.0, interval.total_seconds() / 10):
         return now - timedelta(seconds=lateness)
     return now
-
-
-def _compare_fields(track: RuleTrack) -> dict[str, Any]:
-    """A compare rule's interval and counts, for the admin API (nothing for other rules)."""
-    ev = track.evidence
-    if track.interval_low is None or track.interval_high is None:
-        return {}
-    return {
-        "interval": [encode_float(track.interval_low), encode_float(track.interval_high)],
-        "counts": None
-        if ev is None
-        else {
-            "canary_events": ev.canary_events,
-            "canary_samples": ev.canary_samples,
-            "stable_events": ev.stable_events,
-            "stable_samples": ev.stable_samples,
-        },
-    }
 
 
 Sleep = Callable[[float], Awaitable[None]]

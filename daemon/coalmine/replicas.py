@@ -269,7 +269,12 @@ class LeaseKeeper:
         Returns whether a holder took it, and its answer (None: none came within ``timeout``;
         a command nobody took is withdrawn then, so a retry cannot apply it twice).
         """
-        body = {"kind": command.kind, "version": command.version}
+        body = {
+            "kind": command.kind,
+            "version": command.version,
+            "requested_by": command.requested_by,  # the holder's journal names who and why
+            "reason": command.reason,
+        }
         command_id = await self.store.post_command(script, body, self.replica)
         taken, answer = False, None
         with anyio.move_on_after(timeout):
@@ -287,7 +292,18 @@ class LeaseKeeper:
             return []
         self.queued.discard(script)
         taken = await self.store.take_commands(script, self.replica)
-        return [(i, Command(body["kind"], body.get("version"))) for i, body in taken]
+        return [
+            (
+                i,
+                Command(
+                    body["kind"],
+                    body.get("version"),
+                    requested_by=body.get("requested_by"),
+                    reason=body.get("reason"),
+                ),
+            )
+            for i, body in taken
+        ]
 
     async def answer(self, command_id: int, decisions: list[Decision] | None, error: str) -> None:
         """Answer a forwarded command: its decisions, or (None) the error; never raises."""
@@ -326,4 +342,7 @@ def decision_from(d: dict[str, Any], script: str) -> Decision:
         rule=d.get("rule"),
         severity=d.get("severity"),
         dedup_key=d.get("dedup_key"),
+        dry_run=bool(d.get("dry_run", False)),
+        requested_by=d.get("requested_by"),
+        request_reason=d.get("request_reason"),
     )

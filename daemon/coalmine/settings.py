@@ -138,6 +138,11 @@ class Settings(BaseSettings):
         default="127.0.0.1:9300",
         description="host:port of /metrics, /health and the admin API (port 0: any).",
     )
+    public_url: str | None = Field(
+        default=None,
+        description="Where people reach coalmine's listener, for the links in pages "
+        "(default: http:// and `COALMINE_LISTEN`).",
+    )
     admin_token: SecretStr | None = Field(
         default=None, description="Bearer token for the admin API's writes. Unset: writes refused."
     )
@@ -149,7 +154,12 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "cloudflare_api_url", "prometheus_url", "grafana_url", "pagerduty_url", "pagerduty_api_url"
+        "cloudflare_api_url",
+        "prometheus_url",
+        "grafana_url",
+        "pagerduty_url",
+        "pagerduty_api_url",
+        "public_url",
     )
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:

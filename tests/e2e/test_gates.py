@@ -121,8 +121,8 @@ async def test_a_failing_after_rollback_smoke_test_pages_critical(tmp_path: Path
 
 
 async def test_an_open_incident_freezes_advancing_until_it_is_resolved(tmp_path: Path) -> None:
-    """A triggered incident on a frozen service: the canary holds past its hold, the hold names
-    the incident; resolved, the canary is promoted."""
+    """A triggered incident on a frozen service: the canary holds past its hold, the hold (and
+    the rollout's ``waiting_for``) names the incident; resolved, the canary is promoted."""
     freeze = f"freeze: {{pagerduty_services: [{SERVICE}]}}"
     async with harness(tmp_path, policy=policy(extra=freeze)) as h:
         incident = h.sim.pagerduty_api.open_incident(SERVICE, "checkout database down")
@@ -130,6 +130,8 @@ async def test_an_open_incident_freezes_advancing_until_it_is_resolved(tmp_path:
         assert "incident #1 'checkout database down' (triggered)" in holds(h)[-1]
         await h.tick(120)
         assert h.phase is P.CANARY
+        waiting = h.loop.describe()["waiting_for"]
+        assert any("'checkout database down'" in why for why in waiting), waiting
         request = h.sim.pagerduty_api.requests[-1]
         assert request.query["service_ids[]"] == [SERVICE]
         assert request.query["statuses[]"] == ["triggered", "acknowledged"]

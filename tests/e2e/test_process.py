@@ -119,7 +119,7 @@ async def test_run_serves_endpoints_takes_commands_and_stops_on_sigterm(tmp_path
                     check=False,
                 )
             )
-            assert status.stdout.splitlines()[1].split()[:2] == ["api", "paused"]
+            assert status.stdout.splitlines()[0].split()[:2] == ["api", "PAUSED"]
         finally:
             process.send_signal(signal.SIGTERM)
             code = await anyio.to_thread.run_sync(lambda: process.wait(timeout=30))

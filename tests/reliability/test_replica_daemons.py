@@ -135,21 +135,26 @@ async def test_each_script_has_one_holder_and_the_rollout_advances_once(tmp_path
 
 
 async def test_a_command_sent_to_any_replica_is_applied_by_the_holder(tmp_path: Path) -> None:
-    """`pause` posted to a replica that does not hold the script is forwarded and answered;
-    `coalmine status` against any replica shows who holds what."""
+    """`pause` posted to a replica that does not hold the script is forwarded (with who asked
+    and why) and answered; `coalmine status` against any replica shows who holds what."""
     async with replicas(tmp_path) as (_, running):
         await until(lambda: len(holders(running, "api")) == 1)
         other = next(r for r in running if not r.holds("api"))
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{other.port}") as client:
             response = await client.post(
                 "/api/v1/rollouts/api/pause",
-                headers={"Authorization": f"Bearer {TOKEN}"},
+                headers={"Authorization": f"Bearer {TOKEN}", "X-Coalmine-Actor": "ana"},
+                json={"reason": "INC-7"},
                 timeout=30,
             )
             assert response.status_code == 200, response.text
-            assert [d["action"] for d in response.json()["decisions"]] == ["pause"]
+            (pause,) = response.json()["decisions"]
+            assert pause["action"] == "pause"
+            assert (pause["requested_by"], pause["request_reason"]) == ("ana", "INC-7")
             holder = next(r for r in running if r.holds("api"))
             assert holder.daemon.loops["api"].state.phase.value == "paused"
+            recent = holder.daemon.loops["api"].recent
+            assert next(d for d in recent if d.action == "pause").requested_by == "ana"
 
             async def shown_paused_with_its_holder() -> bool:
                 body = (await client.get("/api/v1/rollouts/api")).json()
@@ -171,9 +176,9 @@ async def test_a_command_sent_to_any_replica_is_applied_by_the_holder(tmp_path: 
                 check=False,
             )
         )
-        header, api_row = status.stdout.splitlines()[:2]
-        assert header.split()[-1] == "HOLDER", status.stdout + status.stderr
-        assert api_row.split()[-1] == f"{holder.name}@{holder.daemon.leases.fence('api').epoch}"  # type: ignore[union-attr]
+        (headline,) = [line for line in status.stdout.splitlines() if line.startswith("api ")]
+        epoch = holder.daemon.leases.fence("api").epoch  # type: ignore[union-attr]
+        assert f"holder {holder.name}@{epoch}" in headline, status.stdout + status.stderr
 
 
 async def test_a_stopping_replica_hands_its_scripts_over_at_once(tmp_path: Path) -> None:

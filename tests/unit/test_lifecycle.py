@@ -983,21 +983,34 @@ def test_dry_run_marks_traffic_decisions_and_keeps_the_expected_deployment() -> 
     assert run.state.phase is P.PROMOTED
     assert acts(run.tick(270)) == [("complete", None)]
     assert run.deploy(271, "v1", "v2", 10) == []  # neither drift nor a new rollout
-    assert (run.state.phase, run.state.stable) == (P.IDLE, "v2")
+    assert (run.state.phase, run.state.stable) == (P.IDLE, "v1")
+
+
+def test_dry_run_says_so_in_every_decision_and_never_calls_the_canary_stable() -> None:
+    """Every dry-run decision is marked and its reason starts DRY RUN; v2 never becomes stable."""
+    run = adopted(dry_run=True)
+    decisions = run.tick(60, err=0.01) + run.tick(150, err=0.01) + run.tick(270)
+    assert [d.action for d in decisions] == ["set_traffic", "promote", "complete"]
+    assert all(d.dry_run and d.reason.startswith("DRY RUN") for d in decisions)
+    assert "traffic unchanged" in decisions[0].reason
+    assert "would now be the stable version" in decisions[2].reason
+    assert "live is still v2 at 10% over v1" in decisions[2].reason
+    assert run.state.stable == "v1"
 
 
 def test_dry_run_rollback_is_marked_and_its_page_is_real() -> None:
     """ "evaluate, journal and notify, never change traffic" (`COALMINE_DRY_RUN`)
 
-    A dry-run rollback is marked dry_run, its page is not; the unchanged split is still no drift.
+    A dry-run rollback and its page (sent for real) say dry run; the unchanged split is no drift.
     """
     run = adopted(dry_run=True)
     run.tick(10, err=1.0)
     decisions = run.tick(30, err=1.0)
     assert [(d.action, d.canary_percent, d.dry_run) for d in decisions] == [
         ("rollback", 0, True),
-        ("page", None, False),
+        ("page", None, True),
     ]
+    assert decisions[1].reason.startswith("DRY RUN: ")
     assert run.state.expected == Deployment("v1", "v2", 10)
     assert run.deploy(40, "v1", "v2", 10) == []
     assert run.state.phase is P.ROLLED_BACK

@@ -19,6 +19,6 @@ def test_readme_replay_example_output_is_current(capsys: pytest.CaptureFixture[s
     scenario = ROOT / "tests" / "scenarios" / "fault-at-50.jsonl"
     assert (
         main(["replay", "--policy", str(policy), "--input", str(scenario), "--format", "table"])
-        == 0
+        == 1  # rolled back
     )
     assert capsys.readouterr().out == shown.group(1)

@@ -42,7 +42,7 @@ def run(
     (tmp_path / "policy.yaml").write_text(POLICY)
     code = main(["replay", "--policy", str(tmp_path / "policy.yaml"), "--input", str(path), *flags])
     out = capsys.readouterr()
-    decisions = [json.loads(line) for line in out.out.splitlines()] if code == 0 else []
+    decisions = [json.loads(line) for line in out.out.splitlines()] if code != 2 else []
     return code, decisions, out.err
 
 
@@ -151,7 +151,7 @@ def test_value_strings_and_errors_are_inconclusive(
         else:
             lines.append(obs(t, values[i % 5 % 4], samples=1000))
     code, decisions, err = run(tmp_path, capsys, *lines)
-    assert code == 0, err
+    assert code == 3, err  # held: no verdict
     assert [d["action"] for d in decisions] == ["start", "hold"]
     assert "error_rate inconclusive" in decisions[1]["reason"]
 
@@ -165,7 +165,7 @@ def test_engine_runs_once_per_t_with_observations(
     for t in ("00:10", "00:20", "00:30"):
         lines += [obs(t, 0.5, samples=100), obs(t, 0.001, version="stable", samples=900)]
     code, decisions, _ = run(tmp_path, capsys, *lines)
-    assert code == 0
+    assert code == 1  # rolled back
     rollback = next(d for d in decisions if d["action"] == "rollback")
     assert rollback["t"] == "2026-03-03T18:00:30Z"
     assert rollback["breached_since"] == "2026-03-03T18:00:10Z"
@@ -179,7 +179,7 @@ def test_commands_apply_at_their_t_without_observations(
     code, decisions, _ = run(
         tmp_path, capsys, DEPLOY, '{"t": "2026-03-03T18:00:07Z", "command": "rollback"}'
     )
-    assert code == 0
+    assert code == 1  # rolled back
     assert [(d["action"], d["t"], d["actor"]) for d in decisions[1:]] == [
         ("rollback", "2026-03-03T18:00:07Z", "operator")
     ]
@@ -195,7 +195,7 @@ def test_command_applies_before_that_ticks_evaluation(
         lines.append(obs(f"00:{s:02d}", 0.0, samples=100))
     lines += [obs("01:00", 0.0, samples=100), '{"t": "2026-03-03T18:01:00Z", "command": "pause"}']
     code, decisions, _ = run(tmp_path, capsys, *lines)
-    assert code == 0
+    assert code == 3  # paused: no verdict
     assert [d["action"] for d in decisions] == ["start", "pause", "hold"]
 
 
@@ -210,7 +210,7 @@ def test_own_traffic_decision_echoed_is_not_drift(
     code, decisions, _ = run(tmp_path, capsys, *lines, same)
     assert [d["action"] for d in decisions] == ["start", "set_traffic"]
     code, decisions, _ = run(tmp_path, capsys, *lines, same, other)
-    assert code == 0
+    assert code == 3  # stood down: no verdict
     assert [d["action"] for d in decisions] == ["start", "set_traffic", "warn"]
     assert decisions[-1]["reason"].startswith("drift: live deployment is v2 at 20% over v1")
 
@@ -243,7 +243,7 @@ def test_table_format_is_a_readable_timeline(
     lines = [DEPLOY] + [obs(f"00:{s:02d}", 0.9, samples=100) for s in (10, 20, 30)]
     path = tmp_path / "input.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    assert main(["replay", "--policy", policy_file, "--input", str(path), "--format", "table"]) == 0
+    assert main(["replay", "--policy", policy_file, "--input", str(path), "--format", "table"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["time", "(UTC)", "action", "canary", "reason"]
     assert out[1].split()[:4] == ["2026-03-03", "18:00:00", "start", "10%"]
@@ -257,3 +257,20 @@ def test_missing_input_file_exits_2(
     """A missing input file is a clear error, exit 2."""
     assert main(["replay", "--policy", policy_file, "--input", str(tmp_path / "none.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("values", "code"),
+    [((0.0,) * 24, 0), ((0.9,) * 8, 1), ((None,) * 3, 3)],
+    ids=["promoted", "rolled back", "no verdict"],
+)
+def test_replay_exits_like_validate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], values: tuple[float | None, ...], code: int
+) -> None:
+    """Exit 0 when the replay promotes, 1 when it rolls back, 3 with no verdict."""
+    lines = [DEPLOY] + [
+        obs(f"{s // 60:02d}:{s % 60:02d}", v, samples=100)
+        for s, v in zip(range(10, 1000, 5), values, strict=False)
+    ]
+    got, _, err = run(tmp_path, capsys, *lines)
+    assert got == code, err

@@ -21,7 +21,7 @@ def test_a_freeze_line_holds_until_a_null_lifts_it(
     lines += [obs(f"00:{s:02d}", 0.0, samples=100) for s in range(15, 60, 5)]
     lines += [obs("01:00", 0.0, samples=100), LIFT, obs("01:05", 0.0, samples=100)]
     code, decisions, _ = run(tmp_path, capsys, *lines)
-    assert code == 0
+    assert code == 3  # advanced, never promoted: no verdict
     actions = [(d["action"], d["t"][11:19]) for d in decisions]
     assert actions == [("start", "18:00:00"), ("hold", "18:01:00"), ("set_traffic", "18:01:05")]
     assert "PagerDuty incident #7" in decisions[1]["reason"]

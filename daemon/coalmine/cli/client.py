@@ -1,9 +1,12 @@
-"""``coalmine status | start | pause | resume | promote | rollback``: talk to a running daemon."""
+"""``coalmine start | pause | resume | promote | rollback``: talk to a running daemon."""
 
 from __future__ import annotations
 
+import getpass
+import os
 import sys
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -20,8 +23,15 @@ def daemon_url(settings: Settings, url: str | None) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _request(method: str, url: str, token: str | None = None, body: Any = None) -> httpx.Response:
+def request(
+    method: str,
+    url: str,
+    token: str | None = None,
+    body: Any = None,
+    extra_headers: dict[str, str] | None = None,
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers.update(extra_headers or {})
     try:
         return httpx.request(method, url, json=body, headers=headers, timeout=40.0)
     except httpx.TransportError as exc:
@@ -31,52 +41,49 @@ def _request(method: str, url: str, token: str | None = None, body: Any = None) 
         ) from None
 
 
-def status(settings: Settings, url: str | None) -> int:
-    """Print every rollout as a table."""
-    response = _request("GET", daemon_url(settings, url) + "/api/v1/rollouts")
-    if response.status_code != 200:
-        raise RemoteError(f"daemon answered HTTP {response.status_code}")
-    rollouts = response.json()["rollouts"]
-    leased = any("lease" in r for r in rollouts)  # replicas: which one holds each script
-    rows: list[tuple[str, ...]] = [
-        ("SCRIPT", "PHASE", "CANARY", "STABLE", "WEIGHT", "STEP", "BREACHING", "INCONCLUSIVE")
-        + (("HOLDER",) if leased else ())
-    ]
-    for r in rollouts:
-        breaching = sorted(n for n, v in r["rules"].items() if v["status"] == "breaching")
-        inconclusive = sorted(n for n, v in r["rules"].items() if v["status"] == "inconclusive")
-        steps = f"{r['step']}/{len(r['steps'])}" if r["step"] else "-"
-        rows.append(
-            (
-                r["script"],
-                r["phase"],
-                r["canary"] or "-",
-                r["stable"] or "-",
-                f"{r['canary_percent']}%" if r["canary"] else "-",
-                steps,
-                ",".join(breaching) or "-",
-                ",".join(inconclusive) or "-",
-            )
-            + ((f"{_holder(r)}",) if leased else ())
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
-    return 0
+ALREADY = {
+    "pause": "already paused",
+    "resume": "not paused: nothing to resume",
+    "promote": "already at 100%: nothing to promote",
+}
+
+
+def default_actor() -> str:
+    """Who is at the keyboard: the OS user (``--actor`` overrides it)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no user name in a bare container
+        return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
 def command(
-    settings: Settings, url: str | None, script: str, kind: str, version: str | None = None
+    settings: Settings,
+    url: str | None,
+    script: str,
+    kind: str,
+    version: str | None = None,
+    *,
+    actor: str | None = None,
+    reason: str | None = None,
 ) -> int:
-    """Send an operator command; exit 0 when applied, 1 when refused."""
+    """Send an operator command; exit 0 when applied (or already so), 1 when refused.
+
+    The journal records ``actor`` (default: the OS user) and ``reason``.
+    """
     token = settings.admin_token.get_secret_value() if settings.admin_token else None
     if not token:
         raise ConfigError("COALMINE_ADMIN_TOKEN is not set: the daemon refuses commands without it")
-    body = {"version": version} if version else None
-    response = _request(
-        "POST", f"{daemon_url(settings, url)}/api/v1/rollouts/{script}/{kind}", token, body
+    body: dict[str, str] = {}
+    if version:
+        body["version"] = version
+    if reason:
+        body["reason"] = reason
+    response = request(
+        "POST",
+        f"{daemon_url(settings, url)}/api/v1/rollouts/{quote(script, safe='')}/{kind}",
+        token,
+        body or None,
+        {"X-Coalmine-Actor": actor or default_actor()},
     )
     try:
         payload = response.json()
@@ -89,13 +96,7 @@ def command(
         for d in payload.get("decisions", []):
             print(f"{d['action']}: {d['reason']}")
         if response.status_code == 200 and not payload.get("decisions"):
-            print(f"{kind}: nothing to do")
+            print(f"{script}: {ALREADY.get(kind, 'nothing to do')}")
         return 0 if response.status_code == 200 else 1
     print(f"coalmine: {payload.get('error', f'HTTP {response.status_code}')}", file=sys.stderr)
     return 1
-
-
-def _holder(rollout: dict[str, Any]) -> str:
-    """The replica holding a script's lease, with its epoch ("-": none holds it now)."""
-    lease = rollout.get("lease") or {}
-    return f"{lease['holder']}@{lease['epoch']}" if lease.get("holder") else "-"

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,10 +14,13 @@ from typing import Any, TypeVar
 import anyio
 
 from coalmine import __version__
-from coalmine.app import prepare, run_until_signalled
-from coalmine.cli import client
+from coalmine.app import check_live_settings, prepare, run_until_signalled
+from coalmine.cli import client, sandbox
+from coalmine.cli.backtest import parse_time
+from coalmine.cli.backtest_command import backtest_command
 from coalmine.cli.demo import run_demo
-from coalmine.cli.replay import format_table, parse_records, replay
+from coalmine.cli.replay import format_table, parse_records, replay, verdict
+from coalmine.cli.status import status as show_status
 from coalmine.cli.validate import validate
 from coalmine.durations import parse_duration
 from coalmine.engine import Engine, Options
@@ -58,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the policy JSON Schema")
     schema.set_defaults(handler=_schema)
 
-    rep = commands.add_parser("replay", help="run the engine over recorded observations")
+    rep = commands.add_parser(
+        "replay",
+        help="run the engine over recorded observations",
+        description="Exit 0 promoted, 1 rolled back, 3 no verdict, 2 bad input.",
+    )
     rep.add_argument("--policy", required=True, metavar="P", help="policy file")
     rep.add_argument(
         "--input", required=True, metavar="FILE", help="JSON Lines observations, - for stdin"
@@ -80,24 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run)
 
-    status = commands.add_parser("status", help="every rollout, as a table")
-    status.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
-    status.set_defaults(handler=_status)
-    start = commands.add_parser("start", help="start a canary of VERSION")
-    start.add_argument("script")
-    start.add_argument("version")
-    start.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
-    start.set_defaults(handler=_command, kind="start")
-    for kind, text in (
-        ("pause", "stop advancing (rollback triggers still act)"),
-        ("resume", "resume a paused rollout, or adopt the live split after drift"),
-        ("promote", "advance one step now"),
-        ("rollback", "roll the canary back now"),
-    ):
-        sub = commands.add_parser(kind, help=text)
-        sub.add_argument("script")
-        sub.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
-        sub.set_defaults(handler=_command, kind=kind, version=None)
+    _operator_commands(commands)
+
+    back = commands.add_parser(
+        "backtest",
+        help="the policy replayed on real Prometheus/Cloudflare history",
+        description="Fetch each rule's history and run the engine over it. "
+        "Exit 0 promoted, 1 rolled back, 3 no verdict, 2 bad input.",
+    )
+    back.add_argument("--policy", required=True, metavar="P", help="policy file")
+    back.add_argument("--script", help="script name (default: the policy's first script)")
+    back.add_argument("--from", dest="start", required=True, metavar="T1", help="RFC 3339 time")
+    back.add_argument("--to", dest="end", required=True, metavar="T2", help="RFC 3339 time")
+    back.add_argument("--canary", metavar="V", help="the canary version (with --stable)")
+    back.add_argument("--stable", metavar="V", help="the stable version (with --canary)")
+    back.add_argument("--html", metavar="FILE", help="write a self-contained HTML report")
+    back.add_argument("--format", choices=("table", "jsonl"), default="table")
+    back.add_argument("--dry", action="store_true", help="print the queries it would run")
+    back.set_defaults(handler=_backtest)
 
     gate = commands.add_parser(
         "validate",
@@ -128,11 +135,87 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=_journal_export)
 
     _add_migrate_state(commands)
+    _sandbox_commands(commands)
+
     demo = commands.add_parser("demo", help="a simulated Worker: a healthy and a faulty canary")
     demo.add_argument("--format", choices=("table", "jsonl"), default="table")
     demo.add_argument("--offline", action="store_true", help="the engine on a virtual clock only")
     demo.set_defaults(handler=_demo)
     return parser
+
+
+def _operator_commands(commands: Any) -> None:
+    """``status``, ``start``, ``pause``, ``resume``, ``promote``, ``rollback``: a running daemon."""
+    status = commands.add_parser(
+        "status",
+        help="where each rollout stands and what it waits for",
+        description="Phase, live split, step, hold remaining, what blocks the next step, "
+        "breaching and inconclusive rules. --watch exits 0 promoted, 1 rolled back, 3 no verdict.",
+    )
+    status.add_argument("script", nargs="?", help="one script (default: every one)")
+    status.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+    status.add_argument("--json", action="store_true", help="the API's rollout objects as JSON")
+    status.add_argument(
+        "--watch", action="store_true", help="redraw until the rollout ends; exit on its verdict"
+    )
+    status.add_argument(
+        "--timeout", type=_duration, metavar="DURATION", help="with --watch: give up (exit 3)"
+    )
+    status.add_argument("--every", type=float, default=2.0, help=argparse.SUPPRESS)
+    status.set_defaults(handler=_status)
+    start = commands.add_parser("start", help="start a canary of VERSION")
+    start.add_argument("script")
+    start.add_argument("version")
+    start.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+    _who_and_why(start)
+    start.set_defaults(handler=_command, kind="start")
+    for kind, text in (
+        ("pause", "stop advancing (rollback triggers still act)"),
+        ("resume", "resume a paused rollout, or adopt the live split after drift"),
+        ("promote", "advance one step now"),
+        ("rollback", "roll the canary back now"),
+    ):
+        sub = commands.add_parser(kind, help=text)
+        sub.add_argument("script")
+        sub.add_argument("--url", help="the daemon (default: from COALMINE_LISTEN)")
+        _who_and_why(sub)
+        sub.set_defaults(handler=_command, kind=kind, version=None)
+
+
+def _sandbox_commands(commands: Any) -> None:
+    """``sandbox`` and ``sandbox ship``."""
+    box = commands.add_parser(
+        "sandbox",
+        help="simulator + Prometheus + daemon on printed ports and token, to drive by hand",
+        description="Run the sandbox until Ctrl-C; `coalmine sandbox ship SCRIPT` starts a canary.",
+    )
+    box.add_argument(
+        "--port-base",
+        type=int,
+        default=sandbox.BASE_PORT,
+        metavar="N",
+        help="the daemon on N (default 9300), the rest on N+90..N+96; 0: any free ports",
+    )
+    box.set_defaults(handler=_sandbox)
+    box_commands = box.add_subparsers(dest="sandbox_command", metavar="ACTION")
+    shipping = box_commands.add_parser("ship", help="upload a new version and start its canary")
+    shipping.add_argument("script")
+    shipping.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"inject a fault: {', '.join(sandbox.FAULTS)} (e.g. error-rate=5%%)",
+    )
+    shipping.add_argument("--at", metavar="WEIGHT", help="once the canary reaches it, e.g. 50%%")
+    shipping.add_argument("--control", default=sandbox.CONTROL, help="the sandbox's control URL")
+    shipping.set_defaults(handler=_ship)
+
+
+def _who_and_why(parser: argparse.ArgumentParser) -> None:
+    """``--reason`` and ``--actor``: the journal records who asked and why."""
+    parser.add_argument("--reason", help="why, recorded in the journal and shown in Slack")
+    parser.add_argument("--actor", help="who, for the journal (default: your OS user name)")
 
 
 def _duration(text: str) -> timedelta:
@@ -170,20 +253,39 @@ def _replay(args: argparse.Namespace) -> int:
         raise ReplayFormatError(name, 0, f"cannot read: {exc.strerror}") from None
     with stream:
         records = parse_records(stream, name, (rule.name for rule in policy.rules))
-        decisions = replay(engine, records, script)
+        decisions = list(replay(engine, records, script))
         if args.format == "table":
             for line in format_table(decisions):
                 print(line)
         else:
             for decision in decisions:
                 print(json.dumps(decision.to_dict()))
-    return 0
+    return verdict(decisions)
+
+
+def _backtest(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    policy = load_policy(args.policy)
+    script = args.script or policy.scripts[0]
+    start, end = parse_time(args.start), parse_time(args.end)
+    if end <= start:
+        raise ConfigError("--to must be after --from")
+    if (args.canary is None) != (args.stable is None):
+        raise ConfigError("--canary and --stable go together")
+    return anyio.run(backtest_command, settings, policy, script, start, end, args)
 
 
 def _run(_: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
-    policies = prepare(settings)
+    try:
+        policies = prepare(settings)
+    except PolicyError:
+        try:  # name every missing piece at once, not the policy first and the token next time
+            check_live_settings(settings, [])
+        except ConfigError as exc:
+            print(f"coalmine: {exc}", file=sys.stderr)
+        raise
     anyio.run(run_until_signalled, settings, policies)
     return 0
 
@@ -196,22 +298,40 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    return client.status(load_settings(), args.url)
+    return show_status(
+        load_settings(),
+        args.url,
+        args.script,
+        as_json=args.json,
+        watch=args.watch,
+        every=args.every,
+        timeout=args.timeout.total_seconds() if args.timeout else None,
+    )
 
 
 def _command(args: argparse.Namespace) -> int:
-    return client.command(load_settings(), args.url, args.script, args.kind, args.version)
+    return client.command(
+        load_settings(),
+        args.url,
+        args.script,
+        args.kind,
+        args.version,
+        actor=args.actor,
+        reason=args.reason,
+    )
 
 
 def _open_store(args: argparse.Namespace) -> StateStore:
-    """The journal's store: ``--state`` (a file or a URL) or COALMINE_STATE_URL; a
-    PostgreSQL database without coalmine's tables is refused, never initialised."""
+    """The journal's store: ``--state`` (a file, ``sqlite:///PATH`` or a PostgreSQL URL) or
+    COALMINE_STATE_URL; a PostgreSQL database without coalmine's tables is refused, never
+    initialised."""
     url = args.state or load_settings().state_url
     if is_postgres_url(url):
         # imported here: only a PostgreSQL URL pays for the driver's import
         from coalmine.store.postgres import PostgresStore  # noqa: PLC0415
 
         return PostgresStore(url, create=False)
+    # the form COALMINE_STATE_URL takes (sqlite:///PATH) works as well as a bare path
     path = Path(url.removeprefix("sqlite:///"))
     if not path.is_file():
         raise ConfigError(f"no state database at {path} (set COALMINE_STATE_URL or --state)")
@@ -250,12 +370,7 @@ def _journal_verify(args: argparse.Namespace) -> int:
 def _journal_export(args: argparse.Namespace) -> int:
     store = _open_store(args)
     entries = anyio.run(_closing, store, lambda: store.journal(since=args.since))
-    lines = (json.dumps(entry.to_dict()) + "\n" for entry in entries)
-    if args.output == "-":
-        sys.stdout.writelines(lines)
-    else:
-        with Path(args.output).open("w", encoding="utf-8") as out:
-            out.writelines(lines)
+    _write_journal(args.output, (json.dumps(entry.to_dict()) + "\n" for entry in entries))
     return 0
 
 
@@ -279,6 +394,26 @@ def _migrate_state(args: argparse.Namespace) -> int:
         f" entries (head {copied.head})"
     )
     return 0
+
+
+def _write_journal(output: str, lines: Iterator[str]) -> None:
+    if output != "-":
+        with Path(output).open("w", encoding="utf-8") as out:
+            out.writelines(lines)
+        return
+    try:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left (`| head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _sandbox(args: argparse.Namespace) -> int:
+    return sandbox.run_sandbox(args.port_base)
+
+
+def _ship(args: argparse.Namespace) -> int:
+    return sandbox.ship(args.control, args.script, args.fault, args.at)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -188,6 +188,8 @@ def run_demo(output: str = "table", offline: bool = False, out: TextIO | None = 
     """``coalmine demo``: live when Prometheus is installed, else offline."""
     out = out or sys.stdout
     if offline or output == "jsonl":
+        if not offline:  # say so: the decisions below are not the live demo's
+            print("coalmine demo: --format jsonl runs the offline demo", file=sys.stderr)
         return run_offline(output, out)
     if localprom.binary() is None:
         print(

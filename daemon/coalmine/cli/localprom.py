@@ -63,9 +63,14 @@ def _config(targets: Sequence[str], scrape_interval: str) -> str:
 
 @contextmanager
 def running_prometheus(
-    targets: Sequence[str], *, scrape_interval: str = "1s", data: Path | None = None
+    targets: Sequence[str],
+    *,
+    scrape_interval: str = "1s",
+    data: Path | None = None,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """Start Prometheus scraping ``targets`` (metrics URLs); yield its base URL."""
+    """Start Prometheus scraping ``targets`` (metrics URLs) on ``port`` (default: a free one);
+    yield its base URL."""
     prometheus = binary()
     if prometheus is None:
         raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
@@ -73,7 +78,7 @@ def running_prometheus(
         folder = Path(tmp)
         config = folder / "prometheus.yml"
         config.write_text(_config(targets, scrape_interval))
-        port = free_port()
+        port = port or free_port()
         with (folder / "prometheus.log").open("wb") as log:
             process = subprocess.Popen(
                 [

@@ -263,3 +263,20 @@ def format_table(decisions: Iterable[Decision]) -> Iterator[str]:
         severity = f"[{d.severity}] " if d.severity else ""
         when = d.t.astimezone(_UTC).strftime("%Y-%m-%d %H:%M:%S")
         yield f"{when:<20}  {d.action:<11}  {percent:>6}  {severity}{d.reason}{flag}"
+
+
+PROMOTED, ROLLED_BACK, NO_VERDICT = 0, 1, 3
+
+
+def verdict(decisions: Iterable[Decision]) -> int:
+    """The exit code of a replay or backtest, like ``validate``: 0 promoted, 1 rolled back,
+    3 no verdict. The last real promote or rollback counts (a dry run's never do)."""
+    code = NO_VERDICT
+    for d in decisions:
+        if d.dry_run:
+            continue
+        if d.action == "promote":
+            code = PROMOTED
+        elif d.action == "rollback":
+            code = ROLLED_BACK
+    return code

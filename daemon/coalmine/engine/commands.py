@@ -23,6 +23,8 @@ _EMPTY = RuleTrack()
 
 def pause(engine: Engine, run: Run, _: Command) -> None:
     s = run.s
+    if s.phase is P.PAUSED:
+        return  # already paused: nothing to do, not an error
     if not allowed(s.phase, Event.PAUSE):
         run.emit("warn", f"pause refused: the rollout is {s.phase.value}, not a running canary")
         return
@@ -42,6 +44,8 @@ def resume(engine: Engine, run: Run, _: Command) -> None:
         run.emit("resume", "resumed by an operator")
     elif s.phase is P.STOOD_DOWN and s.live is not None:
         adopt_after_drift(engine, run, s.live)
+    elif s.phase in (P.CANARY, P.PROMOTED):
+        return  # not paused: already running, nothing to do
     else:
         run.emit(
             "warn",

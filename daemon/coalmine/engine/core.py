@@ -14,7 +14,7 @@ No clock, no I/O, no logging: ``now`` is an argument and decisions are the only 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -24,11 +24,15 @@ from coalmine.engine.gates import Blocker
 from coalmine.engine.judge import CompiledRule, judge, judge_compare
 from coalmine.engine.lifecycle import Event, RolloutPhase, transition
 from coalmine.engine.model import Command, Decision, Deployment, Observation, Options
+from coalmine.engine.outages import also_inconclusive, outage_paged
 from coalmine.engine.state import RolloutState, RuleStatus, RuleTrack, replace_track
 from coalmine.policy import Policy
 
 P = RolloutPhase
 _EMPTY = RuleTrack()
+_TRAFFIC = ("set_traffic", "promote", "rollback")
+DRY_RUN = "DRY RUN: "
+DRY_RUN_TRAFFIC = "DRY RUN, traffic unchanged: "
 Actor = Literal["coalmine", "operator"]
 
 
@@ -62,6 +66,8 @@ class Run:
 
     def emit(self, action: Any, reason: str, **details: Any) -> None:
         s = self.s
+        if self.dry_run:  # every word of a dry run says so: logs, Slack, pages, annotations
+            reason = (DRY_RUN_TRAFFIC if action in _TRAFFIC else DRY_RUN) + reason
         self.out.append(
             Decision(
                 t=self.now,
@@ -71,7 +77,7 @@ class Run:
                 canary=s.canary,
                 stable=s.stable,
                 actor=details.pop("actor", self.actor),
-                dry_run=self.dry_run and action in ("set_traffic", "promote", "rollback"),
+                dry_run=self.dry_run,
                 **details,
             )
         )
@@ -109,6 +115,7 @@ class Engine:
         self._post_rules = tuple(r for r in rules if "post_promotion" in r.phases)
         self._after_rollback = tuple(r for r in rules if r.when == "after_rollback")
         self._rules = {r.name: r for r in rules}
+        self._source = {r.name: r.source for r in policy.rules}
         self._weights = [s.weight for s in policy.steps]
         self._holds = [s.hold for s in policy.steps]
         self._warmup = policy.analysis.warmup
@@ -166,7 +173,21 @@ class Engine:
             "start": commands.start,
         }[command.kind]
         handler(self, run, command)
+        if command.requested_by or command.reason:
+            run.out = [
+                replace(d, requested_by=command.requested_by, request_reason=command.reason)
+                for d in run.out
+            ]
         return run.done()
+
+    def waiting_for(
+        self, state: RolloutState, now: datetime, frozen: str | None = None
+    ) -> list[str]:
+        """What keeps a canary from advancing at ``now``, in words (empty: nothing does).
+
+        The hold still running is not listed: the caller shows it as time remaining.
+        """
+        return gates.waiting_for(self, state, now, frozen)
 
     def tick(
         self,
@@ -293,11 +314,20 @@ class Engine:
             and not inconclusive_paged
             and track.inconclusive_since is not None
             and run.now >= track.inconclusive_since + self._page_after
+            and not outage_paged(self._source, run.s, rule.name)
         ):
             since = texts.when(track.inconclusive_since)
+            also = also_inconclusive(
+                self._source, run.s, rule.name, self._active_rules(run.s, None, None)
+            )
+            what = (
+                f"{self._source[rule.name]} rules {', '.join([rule.name, *also])}"
+                if also
+                else rule.name
+            )
             run.emit_rule(
                 "page",
-                f"{rule.name} inconclusive since {since} ({track.detail}): the rollout holds",
+                f"{what} inconclusive since {since} ({track.detail}): the rollout holds",
                 rule,
                 track,
                 severity="warning",
@@ -454,13 +484,15 @@ class Engine:
             return False
         promoted = s.canary
         self._resolve_all(run, "post-promotion watch ended")
-        run.emit(
-            "complete",
-            f"post-promotion watch of {format_duration(self._watch)} ended: "
-            f"{promoted} is the stable version",
-        )
+        ended = f"post-promotion watch of {format_duration(self._watch)} ended: "
+        if run.dry_run:  # the canary never carried all traffic: it is not the stable version
+            live = f"; live is still {s.live.describe()}" if s.live else ""
+            run.emit("complete", f"{ended}{promoted} would now be the stable version{live}")
+        else:
+            run.emit("complete", f"{ended}{promoted} is the stable version")
         s.phase = transition(s.phase, Event.FINISH)
-        s.stable = promoted
+        if not run.dry_run:
+            s.stable = promoted
         self._reset(run, keep_expected=run.dry_run)
         return True
 

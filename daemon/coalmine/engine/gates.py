@@ -115,3 +115,13 @@ def blockers(
         why = f"{names} not called yet: called once every other gate passes"
         found.append(Blocker("before_advance", why, waiting[0]))
     return found
+
+
+def waiting_for(
+    engine: Engine, s: RolloutState, now: datetime, frozen: str | None = None
+) -> list[str]:
+    """What keeps a canary from advancing at ``now``, in words (empty: nothing does); the
+    hold still running is not listed (shown as time remaining)."""
+    if s.phase not in (P.CANARY, P.PAUSED):
+        return []
+    return [b.reason for b in blockers(engine, s, now, frozen)]

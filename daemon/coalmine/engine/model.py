@@ -48,10 +48,16 @@ class Observation:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """An operator's command; ``version`` only for ``start``."""
+    """An operator's command; ``version`` only for ``start``.
+
+    ``requested_by`` (who) and ``reason`` (why) are copied onto every decision it makes, for
+    the journal's change-management trail.
+    """
 
     kind: CommandKind
     version: str | None = None
+    requested_by: str | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +125,8 @@ class Decision:
     severity: str | None = None
     dedup_key: str | None = None
     dry_run: bool = False
+    requested_by: str | None = None  # the person behind an operator command
+    request_reason: str | None = None  # the reason they gave (``--reason``)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; absent fields are left out, non-finite values become strings."""
@@ -135,6 +143,8 @@ class Decision:
             "interval",
             "severity",
             "dedup_key",
+            "requested_by",
+            "request_reason",
         ):
             value = getattr(self, name)
             if value is not None:

@@ -37,7 +37,16 @@ from coalmine.store.records import NewNotification, OutboxItem
 log = structlog.get_logger("coalmine")
 SUMMARY_LIMIT = 1024
 CHANGE_ACTIONS = ("start", "set_traffic", "promote", "rollback", "complete")
-SLACK_ACTIONS = ("warn", "start", "promote", "rollback", "complete", "pause", "resume")
+SLACK_ACTIONS = (
+    "warn",
+    "start",
+    "set_traffic",
+    "promote",
+    "rollback",
+    "complete",
+    "pause",
+    "resume",
+)
 
 
 def notifications(
@@ -103,9 +112,10 @@ def _pagerduty_event(d: Decision, links: dict[str, str]) -> dict[str, Any]:
 
 def _change_event(d: Decision) -> dict[str, Any]:
     percent = f" ({d.canary_percent}%)" if d.canary_percent is not None else ""
+    dry = "DRY RUN " if d.dry_run else ""
     return {
         "payload": {
-            "summary": plain(f"coalmine {d.script}: {d.action} {d.canary}{percent}")[
+            "summary": plain(f"coalmine {d.script}: {dry}{d.action} {d.canary}{percent}")[
                 :SUMMARY_LIMIT
             ],
             "source": "coalmine",
@@ -121,15 +131,19 @@ def _slack_text(d: Decision) -> str:
         "rollback": ":rotating_light:",
         "complete": ":white_check_mark:",
     }.get(d.action, ":bird:")
-    return f"{icon} *{slack_escape(d.script)}* {d.action}: {slack_escape(d.reason)}"
+    dry = "[DRY RUN] " if d.dry_run else ""
+    who = " — ".join(x for x in (d.requested_by, d.request_reason) if x)
+    who = f" ({slack_escape(who)})" if who else ""
+    return f"{icon} {dry}*{slack_escape(d.script)}* {d.action}: {slack_escape(d.reason)}{who}"
 
 
 def _annotation(d: Decision, started: datetime, outcome: str) -> dict[str, Any]:
+    dry = "DRY RUN (traffic never changed): " if d.dry_run else ""
     return {
         "time": int(started.timestamp() * 1000),
         "timeEnd": int(d.t.timestamp() * 1000),
-        "tags": ["coalmine", d.script, outcome],
-        "text": f"coalmine canary {d.canary} over {d.stable}: {outcome} ({d.reason})"[:2000],
+        "tags": ["coalmine", d.script, outcome, *(["dry_run"] if d.dry_run else [])],
+        "text": f"{dry}coalmine canary {d.canary} over {d.stable}: {outcome} ({d.reason})"[:2000],
     }
 
 

@@ -1,4 +1,5 @@
-"""coalmine's HTTP endpoints: /metrics, /health, /healthz, /readyz and the admin API.
+"""coalmine's HTTP endpoints: the status page at /, /metrics, /health, /healthz, /readyz and the
+admin API.
 
 Writes (``POST /api/v1/rollouts/{script}/{command}``) need ``Authorization: Bearer`` with
 ``COALMINE_ADMIN_TOKEN``, compared in constant time; with no token configured every write is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hmac
 import math
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, get_args
 from urllib.parse import unquote
@@ -26,7 +28,7 @@ from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,6 +36,7 @@ from coalmine import __version__
 from coalmine.daemon import CommandFailed, CommandQueued, ScriptLoop
 from coalmine.engine import Command
 from coalmine.engine.model import CommandKind, encode_float
+from coalmine.server import page
 from coalmine.server.health import Health
 from coalmine.server.http import json_or_none
 from coalmine.server.metrics import Metrics
@@ -80,6 +83,7 @@ class Api:
             Route(template, endpoint, methods=[method])
             for method, template, endpoint in self._table
         ]
+        routes.append(Route("/", self._get_page, methods=["GET"]))  # HTML, not in the OpenAPI
         self._app = Starlette(
             routes=routes,
             exception_handlers={404: _not_found, 405: _not_allowed},
@@ -95,6 +99,16 @@ class Api:
         if scope["type"] == "http":
             scope = {**scope, "path": _route_path(scope)}
         await self._app(scope, receive, send)
+
+    async def _get_page(self, request: Request) -> Response:
+        """The read-only status page (no token: it shows what the open GET routes show)."""
+        rollouts = [loop.describe() for loop in self._loops.values()]
+        history = {
+            s: {n: list(v) for n, v in loop.history.items()} for s, loop in self._loops.items()
+        }
+        now = max((loop.now() for loop in self._loops.values()), default=datetime.now(UTC))
+        html = page.render(_finite(rollouts), history, now)
+        return HTMLResponse(html, headers={"content-security-policy": page.POLICY})
 
     async def _get_healthz(self, request: Request) -> Response:
         return PlainTextResponse("ok\n")
@@ -165,17 +179,26 @@ class Api:
         if loop is None:
             return _json(404, {"error": f"no such script {script!r}"})
         version = None
+        body: Any = {}
+        raw = await request.body()
+        if kind == "start" or raw:
+            parsed, body = json_or_none(raw)
+            if not parsed or not isinstance(body, dict):
+                return _json(400, {"error": 'the body must be a JSON object: {"reason": "..."}'})
         if kind == "start":
-            parsed, body = json_or_none(await request.body())
-            if not parsed:
-                return _json(400, {"error": 'body must be JSON: {"version": "..."}'})
-            version = body.get("version") if isinstance(body, dict) else None
+            version = body.get("version")
             if not isinstance(version, str) or not version:
                 return _json(400, {"error": 'start needs {"version": "<version id>"}'})
-            if problem := await loop.version_problem(version):
-                return _json(problem[0], {"error": problem[1]})
+        reason = body.get("reason")
+        if "reason" in body and not isinstance(reason, str):
+            return _json(400, {"error": '"reason" must be a string'})
+        if version is not None and (problem := await loop.version_problem(version)):
+            return _json(problem[0], {"error": problem[1]})
+        actor = request.headers.get("x-coalmine-actor", "").strip()[:100] or None
         try:
-            decisions = await loop.submit(Command(kind, version))
+            decisions = await loop.submit(
+                Command(kind, version, requested_by=actor, reason=reason and reason[:500])
+            )
         except CommandFailed as exc:
             return _json(503, {"error": f"not applied: {exc}; try again"})
         except CommandQueued as exc:

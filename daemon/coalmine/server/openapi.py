@@ -99,7 +99,9 @@ def _schemas() -> dict[str, Any]:
                 "interval": _pair(number),
                 "severity": string,
                 "dedup_key": string,
-                "dry_run": {"const": True},
+                "dry_run": {"const": True, "description": "decided in a dry run"},
+                "requested_by": {"type": "string", "description": "who sent the command"},
+                "request_reason": {"type": "string", "description": "the reason they gave"},
             },
         ),
         "Rule": _object(
@@ -113,6 +115,9 @@ def _schemas() -> dict[str, Any]:
                 "detail": {"type": "string", "description": "why it is inconclusive, if it is"},
             },
             {
+                "threshold": number,
+                "operator": {"enum": [">", "<"], "description": "breaching: value OP threshold"},
+                "on_breach": {"enum": ["rollback", "hold", "page", "warn"]},
                 "interval": _pair(number),
                 "counts": _nullable(_object({name: number for name in _COUNTS})),
             },
@@ -129,6 +134,7 @@ def _schemas() -> dict[str, Any]:
                 "steps": {"type": "array", "items": percent},
                 "rules": {"type": "object", "additionalProperties": _ref("Rule")},
                 "recent_decisions": {"type": "array", "items": _ref("Decision"), "maxItems": 20},
+                **_progress(string, time, percent),
             },
             {
                 "lease": _object(
@@ -138,6 +144,16 @@ def _schemas() -> dict[str, Any]:
                     }
                 )
             },
+        ),
+        "Split": _object(
+            {"stable": string, "canary": _nullable(string), "canary_percent": percent}
+        ),
+        "TrafficChange": _object(
+            {
+                "state": {"enum": ["pending", "refused"]},
+                "kind": string,
+                "error": _nullable({"type": "string", "description": "Cloudflare's refusal"}),
+            }
         ),
         "Rollouts": _object({"rollouts": {"type": "array", "items": _ref("Rollout")}}),
         "Check": _object(
@@ -178,9 +194,11 @@ def _schemas() -> dict[str, Any]:
                     "type": "string",
                     "minLength": 1,
                     "description": "the Worker version id to start as the canary",
-                }
+                },
+                "reason": _REASON,
             },
         },
+        "CommandBody": {"type": "object", "properties": {"reason": _REASON}},
         "CommandResult": _object(
             {
                 "script": string,
@@ -198,6 +216,29 @@ def _schemas() -> dict[str, Any]:
     }
 
 
+def _progress(string: Any, time: Any, percent: Any) -> dict[str, Any]:
+    """The Rollout fields that say where it stands and what it waits for."""
+    seconds = {"type": "number", "minimum": 0}
+    return {
+        "dry_run": {"type": "boolean", "description": "true: decisions never change traffic"},
+        "auto_promote": {"type": "boolean"},
+        "auto_rollback": {"type": "boolean"},
+        "live": _nullable(_ref("Split")) | {"description": "the split Cloudflare serves"},
+        "started_at": _nullable(time),
+        "step_started_at": _nullable(time),
+        "hold_remaining_seconds": _nullable(seconds),
+        "next_step_at": _nullable(time) | {"description": "when the step's hold ends"},
+        "next_percent": _nullable(percent),
+        "waiting_for": {
+            "type": "array",
+            "items": string,
+            "description": "what keeps the canary from advancing, besides the hold",
+        },
+        "watch_ends_at": _nullable(time),
+        "traffic_change": _nullable(_ref("TrafficChange")),
+    }
+
+
 _SCRIPT = {
     "name": "script",
     "in": "path",
@@ -206,10 +247,19 @@ _SCRIPT = {
     "schema": {"type": "string", "minLength": 1},
 }
 
+_REASON = {"type": "string", "description": "why, for the journal (first 500 characters)"}
+_ACTOR = {
+    "name": "X-Coalmine-Actor",
+    "in": "header",
+    "required": False,
+    "description": "who sends the command, for the journal (`coalmine` sends the OS user)",
+    "schema": {"type": "string"},
+}
+
 _COMMANDS: dict[str, str] = {
     "pause": "Stop advancing the canary (rules still act: a breach still rolls back).",
     "resume": "Let a paused canary advance again.",
-    "promote": "Send the canary to 100% now, skipping the remaining steps.",
+    "promote": "Advance the canary one step now, skipping the hold (refused while breaching).",
     "rollback": "Send all traffic back to the stable version now.",
     "start": 'Start a canary of `version` at the first step (body `{"version": "<id>"}`).',
 }
@@ -240,12 +290,14 @@ def _command(kind: str) -> dict[str, Any]:
             "503": _json("not applied (the tick failed or none came); try again", "Error"),
         },
     }
-    if kind == "start":
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": _ref("StartBody")}},
-        }
-        operation["responses"]["400"] = _json("the body is not JSON with a version", "Error")
+    operation["parameters"].append(_ACTOR)
+    operation["requestBody"] = {
+        "required": kind == "start",
+        "content": {
+            "application/json": {"schema": _ref("StartBody" if kind == "start" else "CommandBody")}
+        },
+    }
+    operation["responses"]["400"] = _json("the body is not the JSON described", "Error")
     return {"post": operation}
 
 
