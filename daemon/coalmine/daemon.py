@@ -59,7 +59,7 @@ from coalmine.server.metrics import Metrics
 from coalmine.sources import Source, Target
 from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.store.base import StateStore
-from coalmine.store.leases import LeaseLost
+from coalmine.store.leases import ACTING_FOR, LeaseLost
 from coalmine.store.records import Intent, NewEntry, NewNotification
 
 log = structlog.get_logger("coalmine")
@@ -234,7 +234,13 @@ class ScriptLoop:
             await guard.watch(now)
             if not await self._lease_gate():
                 return
-            await self.tick(now)
+            # replicas: every call of the tick is made for this script, so a replica whose
+            # lease lapsed while it was paused mid-tick sends nothing more (the request hook)
+            acting = ACTING_FOR.set(self.script)
+            try:
+                await self.tick(now)
+            finally:
+                ACTING_FOR.reset(acting)
             guard.report()
         except LeaseLost as exc:
             log.warning("lease lost; stepping down", script=self.script, error=str(exc))
