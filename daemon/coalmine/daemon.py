@@ -16,7 +16,7 @@ missed ticks coalesced.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -31,6 +31,7 @@ from coalmine.cloudflare.actuator import (
     intent_for,
     intents_for,
     refusal_resolved,
+    stuck_page,
     withdrawal,
 )
 from coalmine.cloudflare.client import (
@@ -48,29 +49,31 @@ from coalmine.engine import (
     RolloutPhase,
     RolloutState,
 )
-from coalmine.errors import CoalmineError, StoreError
+from coalmine.errors import StoreError
 from coalmine.guard import Guard
-from coalmine.notify.outbox import Outbox, notifications, plain
+from coalmine.notify.outbox import Outbox, notifications
+from coalmine.pending import (
+    CommandFailed,
+    CommandQueued,
+    Pending,
+    answer_forwarded,
+    forward,
+    take_forwarded,
+)
 from coalmine.policy import Policy, Rule
 from coalmine.progress import progress, rollout_links, rules_view
-from coalmine.replicas import LeaseKeeper, decision_from
+from coalmine.replicas import LeaseKeeper
+from coalmine.schedule import scheduled
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
 from coalmine.sources import Source, Target
 from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.store.base import StateStore
 from coalmine.store.leases import ACTING_FOR, LeaseLost
-from coalmine.store.records import Intent, NewEntry, NewNotification
+from coalmine.store.records import Intent, NewEntry
 
 log = structlog.get_logger("coalmine")
-
-
-class CommandFailed(CoalmineError):
-    """An operator command was not applied (the tick that carried it failed, or none came)."""
-
-
-class CommandQueued(CoalmineError):
-    """An operator command is being applied by a tick that has not finished yet."""
+__all__ = ["CommandFailed", "CommandQueued", "ScriptLoop", "Shared"]
 
 
 HISTORY = 120  # values kept per rule for the status page: an hour at a 30s interval
@@ -103,16 +106,6 @@ class Shared:
     leases: LeaseKeeper | None = None  # replicas on PostgreSQL: act only on leased scripts
 
 
-@dataclass
-class _Pending:
-    command: Command
-    done: anyio.Event = field(default_factory=anyio.Event)
-    decisions: list[Decision] = field(default_factory=list)
-    error: str | None = None
-    taken: bool = False  # a tick has it: it will be applied (or fail) there
-    remote: int | None = None  # forwarded by another replica: the command's id
-
-
 class ScriptLoop:
     """One Worker script's rollout, polled on schedule."""
 
@@ -129,7 +122,7 @@ class ScriptLoop:
         self._shared = shared
         self._rules: dict[str, Rule] = {r.name: r for r in policy.rules}
         self._versions: dict[str, Version] = {}
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._stuck_paged = False
         self._blocked: str | None = None
         self._refusal: str | None = None  # why Cloudflare refused a change for good
@@ -202,7 +195,7 @@ class ScriptLoop:
         leases = self._shared.leases
         if leases is not None and leases.fence(self.script) is None:
             return await forward(leases, self.script, command, timeout)
-        pending = _Pending(command)
+        pending = Pending(command)
         self._pending.append(pending)
         self._wake.set()
         with anyio.move_on_after(timeout):
@@ -359,29 +352,7 @@ class ScriptLoop:
         self, now: datetime, intent: Intent | None = None, error: Exception | None = None
     ) -> None:
         """Page (critical) that a traffic change cannot be applied, or resolve that page."""
-        key = f"coalmine/{self.script}/actuator"
-        event: dict[str, Any] = {"event_action": "resolve", "dedup_key": key}
-        if intent is not None:
-            what = f"{intent.kind} ({intent.body.get('message')})"
-            event = {
-                "event_action": "trigger",
-                "dedup_key": key,
-                "payload": {
-                    "summary": plain(f"coalmine {self.script}: cannot apply {what}: {error}")[
-                        :1024
-                    ],
-                    "source": "coalmine",
-                    "severity": "critical",
-                    "component": self.script,
-                    "class": "actuator",
-                    "custom_details": {
-                        "intent": intent.id,
-                        "kind": intent.kind,
-                        "error": str(error)[:500],
-                    },
-                },
-            }
-        note = NewNotification("pagerduty", event, key)
+        note = stuck_page(self.script, intent, error)
         state = self.state.to_json()
         try:
             await self._shared.store.commit(self.script, state, [], [note], now)
@@ -415,7 +386,7 @@ class ScriptLoop:
         self,
         live: LiveDeployment | None,
         before: RolloutState,
-        pending: list[_Pending],
+        pending: list[Pending],
         now: datetime,
     ) -> list[Decision]:
         state, decisions = self.state, []
@@ -442,7 +413,7 @@ class ScriptLoop:
         before: RolloutState,
         state: RolloutState,
         decisions: list[Decision],
-        pending: list[_Pending],
+        pending: list[Pending],
         now: datetime,
         live: LiveDeployment | None,
     ) -> list[Decision]:
@@ -621,47 +592,3 @@ class ScriptLoop:
             return {}
         live = row.expires_in > 0
         return {"lease": {"holder": row.holder if live else None, "epoch": row.epoch}}
-
-
-async def forward(
-    leases: LeaseKeeper, script: str, command: Command, timeout: float
-) -> list[Decision]:
-    """Hand an operator command to the replica holding ``script``; wait for its answer."""
-    taken, answer = await leases.forward(script, command, timeout)
-    if answer is None:
-        if taken:
-            raise CommandQueued("the holding replica is applying it; see `coalmine status`")
-        raise CommandFailed(f"not applied within {timeout:g}s and withdrawn; nothing changed")
-    if "error" in answer:
-        raise CommandFailed(str(answer["error"]))
-    return [decision_from(d, script) for d in answer.get("decisions", [])]
-
-
-async def take_forwarded(leases: LeaseKeeper, script: str) -> list[_Pending]:
-    """Commands other replicas forwarded for ``script``, as this loop's own."""
-    return [_Pending(cmd, remote=i) for i, cmd in await leases.take_commands(script)]
-
-
-async def answer_forwarded(leases: LeaseKeeper, pending: Sequence[_Pending]) -> None:
-    """Answer the forwarded commands a tick carried."""
-    for item in pending:
-        if item.remote is not None:
-            failed = item.error is not None or not item.done.is_set()
-            why = item.error or "the tick that carried it failed"
-            await leases.answer(item.remote, None if failed else item.decisions, why)
-
-
-def scheduled(now: datetime, lateness: float, interval: timedelta) -> datetime:
-    """The time a tick was due, when it runs a little late: ``now`` less the lateness.
-
-    A tick starts a few milliseconds after it is due. Judged at the wall clock, a rule's
-    ``for`` (a multiple of the interval) would end a hair after the tick due at its end, half
-    the time, and trip one interval late. Only small lateness is taken back (under a tenth of
-    the interval, at most a second); a tick that waited longer is judged when it runs.
-    """
-    if 0.0 < lateness < min(1.0, interval.total_seconds() / 10):
-        return now - timedelta(seconds=lateness)
-    return now
-
-
-Sleep = Callable[[float], Awaitable[None]]

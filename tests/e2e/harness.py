@@ -23,7 +23,8 @@ from coalmine.server.http import serve
 from coalmine.settings import load_settings
 from coalmine.simulator import Behaviour, Simulator, VirtualClock
 from coalmine.store import StateStore
-from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
+from coalmine.store.sqlite import SqliteStore
+from coalmine.store.threaded import ThreadedSqlite
 
 START = datetime(2026, 3, 3, 18, 0, tzinfo=UTC)  # Tuesday 10:00 in Los Angeles
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from coalmine.daemon import scheduled
 from coalmine.engine import Observation
+from coalmine.schedule import scheduled
 from tests.support import Rollout, at, make_policy
 
 NOW = datetime(2026, 3, 3, 18, 0, 5, 2000, tzinfo=UTC)

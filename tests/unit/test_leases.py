@@ -21,7 +21,8 @@ from coalmine.errors import ConfigError, StoreError
 from coalmine.replicas import Holdings, LeaseKeeper
 from coalmine.store.leases import ACTING_FOR, OUTBOX, Fence, LeaseLost, exclusive_file
 from coalmine.store.records import NewEntry, NewIntent
-from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
+from coalmine.store.sqlite import SqliteStore
+from coalmine.store.threaded import ThreadedSqlite
 
 pytestmark = pytest.mark.anyio
 NOW = datetime(2026, 3, 3, 18, 0, tzinfo=UTC)

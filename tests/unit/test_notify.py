@@ -11,7 +11,7 @@ import pytest
 from coalmine.engine import Decision, RolloutState
 from coalmine.notify.outbox import Outbox, Receivers, notifications
 from coalmine.store.sqlite import SqliteStore as Store
-from coalmine.store.sqlite import ThreadedSqlite
+from coalmine.store.threaded import ThreadedSqlite
 from tests.support import at
 
 pytestmark = pytest.mark.anyio

@@ -14,7 +14,8 @@ from coalmine.cli import main
 from coalmine.errors import StoreError
 from coalmine.store.kept import KeepingStore
 from coalmine.store.records import NewEntry, NewIntent, NewNotification
-from coalmine.store.sqlite import MIGRATIONS, SqliteStore, ThreadedSqlite
+from coalmine.store.sqlite import MIGRATIONS, SqliteStore
+from coalmine.store.threaded import ThreadedSqlite
 from tests.support import at
 
 pytestmark = pytest.mark.anyio

@@ -38,7 +38,8 @@ from coalmine.policyfile import load_policies, load_policy
 from coalmine.settings import Settings, env_name, load_settings
 from coalmine.store.base import StateStore
 from coalmine.store.records import StoreIdentity, Verification
-from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
+from coalmine.store.sqlite import SqliteStore
+from coalmine.store.threaded import ThreadedSqlite
 from coalmine.store.urls import is_postgres_url
 
 EXIT_LOCAL_ERROR = 2

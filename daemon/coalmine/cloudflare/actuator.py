@@ -136,6 +136,34 @@ def withdrawal(
     return entry, NewNotification("pagerduty", event, key), hold
 
 
+def stuck_page(
+    script: str, intent: Intent | None = None, error: Exception | None = None
+) -> NewNotification:
+    """The critical page that a traffic change cannot be applied (or, without an intent, its
+    resolve)."""
+    key = f"coalmine/{script}/actuator"
+    event: dict[str, Any] = {"event_action": "resolve", "dedup_key": key}
+    if intent is not None:
+        what = f"{intent.kind} ({intent.body.get('message')})"
+        event = {
+            "event_action": "trigger",
+            "dedup_key": key,
+            "payload": {
+                "summary": plain(f"coalmine {script}: cannot apply {what}: {error}")[:1024],
+                "source": "coalmine",
+                "severity": "critical",
+                "component": script,
+                "class": "actuator",
+                "custom_details": {
+                    "intent": intent.id,
+                    "kind": intent.kind,
+                    "error": str(error)[:500],
+                },
+            },
+        }
+    return NewNotification("pagerduty", event, key)
+
+
 def refusal_resolved(script: str) -> NewNotification:
     """The page of a withdrawn change, resolved (an operator acted, or the rollout ended)."""
     key = f"coalmine/{script}/refused"

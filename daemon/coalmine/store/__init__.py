@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from coalmine.store.base import StateStore
-from coalmine.store.sqlite import SqliteStore, ThreadedSqlite
+from coalmine.store.sqlite import SqliteStore
+from coalmine.store.threaded import ThreadedSqlite
 from coalmine.store.urls import is_postgres_url
 
 
