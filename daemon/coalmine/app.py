@@ -216,10 +216,17 @@ class Daemon:
             log.error("analytics query does not fit Cloudflare's schema", problem=problem)
             loop = next(iter(self.loops.values()))  # the page is the daemon's, not a script's
             now = self.shared.clock()
-            await self.store.commit(
-                loop.script, loop.state.to_json(), [], [schema_page(problem)], now
-            )
-            self.outbox.wake()
+            try:
+                await self.store.commit(
+                    loop.script, loop.state.to_json(), [], [schema_page(problem)], now
+                )
+            except CoalmineError as exc:
+                # the store is down, or (replicas) another replica holds that script and pages
+                # instead: /health and the log above still say it; a task of the daemon's task
+                # group must not raise, or the whole daemon stops
+                log.warning("analytics schema page not queued", error=str(exc))
+            else:
+                self.outbox.wake()
         return problem
 
     def accepting(self, error: str | None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
@@ -40,6 +42,26 @@ async def test_start_up_check_names_a_field_cloudflare_lacks(tmp_path: Path) -> 
         exceptions = h.loop.state.rules["exceptions"]
         assert exceptions.detail is not None and MISSING in exceptions.detail
         assert (h.phase, h.loop.state.canary_percent) == (RolloutPhase.CANARY, 10)
+
+
+async def test_a_failing_store_while_paging_a_schema_problem_does_not_stop_the_daemon(
+    tmp_path: Path,
+) -> None:
+    """The schema check runs as a task of the daemon's task group: a store that cannot take
+    its page is logged, never raised (raised, it would stop every loop); /health still names
+    the missing field."""
+    async with harness(tmp_path) as h:
+        sdl = SCHEMA_FILE.read_text().replace("  scriptVersion_in: [string!]\n", "")
+        h.sim.cloudflare.analytics_schema = load_schema(sdl)
+        with closing(sqlite3.connect(h.db.path, isolation_level=None)) as db:
+            db.execute(
+                "CREATE TRIGGER fault BEFORE INSERT ON outbox"
+                " BEGIN SELECT RAISE(ABORT, 'disk I/O error (injected)'); END"
+            )
+            problem = await h.daemon.check_analytics_schema()
+            db.execute("DROP TRIGGER fault")
+        assert problem is not None and MISSING in problem
+        assert MISSING in (h.daemon.health.snapshot()[CHECK]["error"] or "")
 
 
 async def test_start_up_check_passes_on_the_shipped_schema(tmp_path: Path) -> None:
