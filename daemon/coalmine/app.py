@@ -169,6 +169,8 @@ class Daemon:
                     self.api, host, port, task_status=task_status, on_accept=self.accepting
                 )
             )
+            if self.settings.public_url is None:  # links in pages: the port actually bound
+                self.shared.public_url = _listen_url(host, bound)
             if self.leases is None:
                 for loop in self.loops.values():
                     await self.shared.actuator.reconcile(loop.script)
@@ -294,6 +296,7 @@ class Daemon:
             self.health.store_ok = ok
 
         keeper.on_store = store_ok
+        keeper.on_conflict = lambda problem: self.health.record("replica_id", 0.0, problem)
         await keeper.run()
 
     async def _after_lease_round(self, acquired: set[str], lost: set[str]) -> None:
@@ -410,6 +413,7 @@ async def open_daemon(
         outbox = Outbox(store, http, receivers, clock, on_result=delivered)
         keeper = _keeper(settings, raw, policies, metrics, replicas)
         if keeper is not None:  # on the way out, after the loops' last writes
+            await keeper.announce()  # this id is now this process's: an older one stands aside
             stack.push_async_callback(_step_down, keeper)
             http.event_hooks = {**http.event_hooks, "request": [keeper.request_hook]}
         actuator = Actuator(cloudflare, store, clock, fence=keeper.check if keeper else None)
@@ -434,7 +438,7 @@ async def open_daemon(
             guard,
             freeze=freeze,
             leases=keeper,
-            public_url=settings.public_url or _listen_url(settings),
+            public_url=settings.public_url or _listen_url(*settings.listen_address),
         )
         saved = await store.states()
         loops = {}
@@ -475,7 +479,7 @@ def _keeper(
         return None
     scripts = [script for policy in policies for script in policy.scripts]
     ttl = settings.lease_ttl.total_seconds()
-    keeper = LeaseKeeper(leased, settings.replica, ttl, scripts, metrics.registry)
+    keeper = LeaseKeeper(leased, settings.replica, ttl, scripts, metrics.leases)
     leased.fence = keeper.holdings  # every tick's write checks the lease in its transaction
     return keeper
 
@@ -512,8 +516,7 @@ async def run_until_signalled(settings: Settings, policies: list[Policy]) -> Non
                 await daemon.serve()
 
 
-def _listen_url(settings: Settings) -> str:
+def _listen_url(host: str, port: int) -> str:
     """``http://`` and the listen address (a wildcard host is named as loopback)."""
-    host, port = settings.listen_address
     host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -23,6 +23,7 @@ before any write; the store and the actuator check the epoch in the database as 
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -31,11 +32,19 @@ from typing import Any
 import anyio
 import httpx
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from coalmine.engine import Command, Decision
 from coalmine.errors import CoalmineError, StoreError
-from coalmine.store.leases import ACTING_FOR, OUTBOX, Fence, LeaseLost, LeaseOps, LeaseRow
+from coalmine.server.metrics import LeaseMetrics
+from coalmine.store.leases import (
+    ACTING_FOR,
+    OUTBOX,
+    Fence,
+    LeaseLost,
+    LeaseOps,
+    LeaseRow,
+    ReplicaIdInUse,
+)
 
 log = structlog.get_logger("coalmine")
 COMMAND_POLL = 0.1  # seconds between looks for a forwarded command's answer
@@ -76,39 +85,6 @@ class Holdings(Mapping[str, Fence]):
         return sum(1 for _ in self)
 
 
-class LeaseMetrics:
-    """What /metrics says about leases."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.held = Gauge(
-            "coalmine_lease_held",
-            "1 when this replica holds the script's lease (script `*outbox`: the outbox's).",
-            ["script"],
-            registry=registry,
-        )
-        self.epoch = Gauge(
-            "coalmine_lease_epoch",
-            "The fencing epoch of each lease, whoever holds it.",
-            ["script"],
-            registry=registry,
-        )
-        self.acquired = Counter(
-            "coalmine_lease_acquired",
-            "Leases this replica took (at start or over from another replica).",
-            ["script"],
-            registry=registry,
-        )
-        self.lost = Counter(
-            "coalmine_lease_lost",
-            "Leases this replica lost without giving them back (expired, or taken over).",
-            ["script"],
-            registry=registry,
-        )
-        self.replicas = Gauge(
-            "coalmine_replicas_live", "Replicas with a live heartbeat.", registry=registry
-        )
-
-
 class LeaseKeeper:
     """Takes, renews and gives back one replica's leases; see the module docstring."""
 
@@ -118,7 +94,7 @@ class LeaseKeeper:
         replica: str,
         ttl: float,
         scripts: Sequence[str],
-        registry: CollectorRegistry,
+        metrics: LeaseMetrics,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -129,9 +105,12 @@ class LeaseKeeper:
         self.live: list[str] = [replica]
         self.table: dict[str, LeaseRow] = {}
         self.queued: set[str] = set()  # scripts with forwarded commands waiting, as of a round
-        self.metrics = LeaseMetrics(registry)
+        self.metrics = metrics
         self.on_round: Callable[[set[str], set[str]], Awaitable[None]] | None = None
         self.on_store: Callable[[bool], None] = lambda ok: None  # whether a round could write
+        # why this replica acts on nothing (its id is in use by another live process), or None
+        self.on_conflict: Callable[[str | None], None] = lambda problem: None
+        self.instance = secrets.token_hex(8)  # this process's own token behind the shared id
         self._clock = clock
         self._outbox_changed = anyio.Event()
 
@@ -184,7 +163,12 @@ class LeaseKeeper:
         started = self._clock()
         until = started + self.ttl - self.margin
         before = self.holdings.epochs()
-        self.live = await self.store.heartbeat(self.replica, self.ttl)
+        try:
+            self.live = await self.store.heartbeat(self.replica, self.ttl, self.instance)
+        except ReplicaIdInUse:
+            self._stand_aside()
+            raise
+        self.metrics.id_conflict.set(0)
         kept = await self.store.renew(self.replica, before, self.ttl)
         lost = set(before) - set(kept)
         mine = sorted(n for n in kept if n != OUTBOX)
@@ -210,6 +194,20 @@ class LeaseKeeper:
         for name in got:
             log.info("lease acquired", lease=name, replica=self.replica, epoch=got[name])
         return set(got), lost | set(excess)
+
+    async def announce(self) -> None:
+        """The first heartbeat, at start-up, before this process acts on anything: it claims
+        the id (the newest process wins, as a restarted container does). A process still
+        alive under the same id finds out at its next heartbeat and acts on nothing."""
+        self.live = await self.store.heartbeat(self.replica, self.ttl, self.instance, claim=True)
+
+    def _stand_aside(self) -> None:
+        """Another live process announces this id: act on nothing. The leases are not given
+        back (they are held under the same id, so the other process may be acting on them)."""
+        for name in self.holdings.epochs():
+            self.holdings.drop(name)
+        self.metrics.id_conflict.set(1)
+        self._export(set(), set())
 
     def _candidates(self, held: set[str]) -> list[str]:
         """Scripts this replica might take, those whose lease expired longest ago first."""
@@ -238,8 +236,12 @@ class LeaseKeeper:
             try:
                 acquired, lost = await self.round()
                 self.on_store(True)
+                self.on_conflict(None)
                 if self.on_round is not None:
                     await self.on_round(acquired, lost)
+            except ReplicaIdInUse as exc:
+                self.on_conflict(str(exc))
+                log.error("acting on nothing", replica=self.replica, error=str(exc))
             except CoalmineError as exc:
                 self.on_store(False)
                 log.error("lease round failed", replica=self.replica, error=str(exc))

@@ -86,17 +86,19 @@ def verify(analyzer: str, unit: Path, root: Path) -> subprocess.CompletedProcess
 
 @pytest.fixture
 def root(tmp_path: Path, service: list[tuple[str, str]]) -> Path:
-    """A root folder with the system's units and an executable where ExecStart points."""
+    """A root folder with the system's units and an executable where ExecStart and ExecReload
+    point."""
     system = next((Path(p) for p in SYSTEM_UNITS if Path(p).is_dir()), None)
     if system is None:
         pytest.skip("no system unit folder to verify against")
     root = tmp_path / "root"
     shutil.copytree(system, root / "usr" / "lib" / "systemd" / "system", symlinks=True)
-    [start] = values(service, "ExecStart")
-    program = root / start.split()[0].lstrip("/")
-    program.parent.mkdir(parents=True)
-    program.write_text("#!/bin/sh\nexit 0\n")
-    program.chmod(0o755)
+    for key in ("ExecStart", "ExecReload"):
+        [command] = values(service, key)
+        program = root / command.split()[0].lstrip("/")
+        program.parent.mkdir(parents=True, exist_ok=True)
+        program.write_text("#!/bin/sh\nexit 0\n")
+        program.chmod(0o755)
     return root
 
 
@@ -144,6 +146,12 @@ def test_unit_raises_the_fd_limit(service: list[tuple[str, str]]) -> None:
     """LimitNOFILE= is set once and well above systemd's 1,024 default (connection cap room)."""
     (limit,) = values(service, "LimitNOFILE")
     assert int(limit.split(":")[0]) >= 4096
+
+
+def test_unit_reloads_the_policies_with_sighup(service: list[tuple[str, str]]) -> None:
+    """`systemctl reload` sends SIGHUP to the main process, which re-reads the policies."""
+    (reload,) = values(service, "ExecReload")
+    assert reload.split()[-2:] == ["-HUP", "$MAINPID"]
 
 
 def test_unit_environment_is_valid_and_matches_its_directories(

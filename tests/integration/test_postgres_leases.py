@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import anyio
 import pytest
 
-from coalmine.store.leases import Fence, LeaseLost
+from coalmine.store.leases import Fence, LeaseLost, ReplicaIdInUse
 from coalmine.store.postgres import PostgresStore
 from coalmine.store.records import NewIntent
 
@@ -87,10 +87,16 @@ async def test_racing_replicas_take_a_free_lease_once(postgres_url: str) -> None
 
 
 async def test_heartbeats_and_forwarded_commands(postgres_url: str) -> None:
-    """Live replicas are counted; a forwarded command is taken once and answered back."""
+    """Live replicas are counted, a live id is not shared (a starting process claims it); a
+    forwarded command is taken once and answered back."""
     async with two(postgres_url) as (a, b):
-        assert await a.heartbeat("A", 60) == ["A"]
-        assert await b.heartbeat("B", 60) == ["A", "B"]
+        assert await a.heartbeat("A", 60, "a") == ["A"]
+        assert await b.heartbeat("B", 60, "b") == ["A", "B"]
+        with pytest.raises(ReplicaIdInUse, match="'A' is in use"):
+            await b.heartbeat("A", 60, "b")  # a second live process under A's id
+        assert await b.heartbeat("A", 60, "b", claim=True) == ["A", "B"]  # b started as A
+        with pytest.raises(ReplicaIdInUse):
+            await a.heartbeat("A", 60, "a")
         command_id = await b.post_command("api", {"kind": "pause", "version": None}, "B")
         assert await a.take_commands("api", "A") == [
             (command_id, {"kind": "pause", "version": None})

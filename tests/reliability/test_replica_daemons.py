@@ -136,8 +136,12 @@ async def test_each_script_has_one_holder_and_the_rollout_advances_once(tmp_path
 
 async def test_a_command_sent_to_any_replica_is_applied_by_the_holder(tmp_path: Path) -> None:
     """`pause` posted to a replica that does not hold the script is forwarded (with who asked
-    and why) and answered; `coalmine status` against any replica shows who holds what."""
+    and why) and answered; `coalmine status` against any replica shows who holds what; each
+    replica's page links point at the port it bound (COALMINE_LISTEN asked for port 0)."""
     async with replicas(tmp_path) as (_, running):
+        assert [r.daemon.shared.public_url for r in running] == [
+            f"http://127.0.0.1:{r.port}" for r in running
+        ]
         await until(lambda: len(holders(running, "api")) == 1)
         other = next(r for r in running if not r.holds("api"))
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{other.port}") as client:

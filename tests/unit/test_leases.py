@@ -19,7 +19,15 @@ from prometheus_client import CollectorRegistry
 
 from coalmine.errors import ConfigError, StoreError
 from coalmine.replicas import Holdings, LeaseKeeper
-from coalmine.store.leases import ACTING_FOR, OUTBOX, Fence, LeaseLost, exclusive_file
+from coalmine.server.metrics import LeaseMetrics
+from coalmine.store.leases import (
+    ACTING_FOR,
+    OUTBOX,
+    Fence,
+    LeaseLost,
+    ReplicaIdInUse,
+    exclusive_file,
+)
 from coalmine.store.records import NewEntry, NewIntent
 from coalmine.store.sqlite import SqliteStore
 from coalmine.store.threaded import ThreadedSqlite
@@ -132,9 +140,42 @@ def test_a_replica_without_the_lease_writes_nothing(replicas: Callable[[], Sqlit
 def test_heartbeats_count_live_replicas_only(replicas: Callable[[], SqliteStore]) -> None:
     """A replica whose heartbeat lapsed is no longer counted alive."""
     a, b = replicas(), replicas()
-    assert a.heartbeat("A", 60) == ["A"]
-    assert b.heartbeat("B", 0.05) == ["A", "B"]
-    eventually(lambda: a.heartbeat("A", 60) == ["A"])
+    assert a.heartbeat("A", 60, "a") == ["A"]
+    assert b.heartbeat("B", 0.05, "b") == ["A", "B"]
+    eventually(lambda: a.heartbeat("A", 60, "a") == ["A"])
+
+
+def test_a_second_live_process_under_one_id_is_refused_its_heartbeat(
+    replicas: Callable[[], SqliteStore],
+) -> None:
+    """A heartbeat under an id whose live heartbeat is another process's writes nothing and
+    names the id; once that heartbeat lapses, the id is free again."""
+    first, second = replicas(), replicas()
+    assert first.heartbeat("pod-0", 0.2, "first") == ["pod-0"]
+    with pytest.raises(ReplicaIdInUse, match="'pod-0' is in use by another live process"):
+        second.heartbeat("pod-0", 60, "second")
+    assert first.heartbeat("pod-0", 0.2, "first") == ["pod-0"]  # still the first's
+
+    def taken() -> bool:
+        try:
+            return second.heartbeat("pod-0", 60, "second") == ["pod-0"]
+        except ReplicaIdInUse:
+            return False
+
+    eventually(taken)  # the first's heartbeat lapsed
+    with pytest.raises(ReplicaIdInUse):
+        first.heartbeat("pod-0", 60, "first")
+
+
+def test_a_starting_process_claims_its_id_at_once(replicas: Callable[[], SqliteStore]) -> None:
+    """A process starting under an id claims it at once (a restarted container need not wait
+    a TTL); the older process, if alive, is refused at its next heartbeat."""
+    old, new = replicas(), replicas()
+    old.heartbeat("pod-0", 60, "old")
+    assert new.heartbeat("pod-0", 60, "new", claim=True) == ["pod-0"]
+    with pytest.raises(ReplicaIdInUse):
+        old.heartbeat("pod-0", 60, "old")
+    assert new.heartbeat("pod-0", 60, "new") == ["pod-0"]
 
 
 def test_a_forwarded_command_is_taken_once_and_answered(
@@ -182,7 +223,7 @@ async def test_keepers_share_the_scripts_fairly_and_one_takes_the_outbox(
     stores = [ThreadedSqlite(SqliteStore(path)) for _ in range(2)]
     scripts = ["a", "b", "c", "d"]
     keepers = [
-        LeaseKeeper(s, name, 60, scripts, CollectorRegistry())
+        LeaseKeeper(s, name, 60, scripts, LeaseMetrics(CollectorRegistry()))
         for s, name in zip(stores, "AB", strict=True)
     ]
     try:
@@ -205,8 +246,8 @@ async def test_a_dead_replicas_scripts_are_taken_over_with_new_epochs(tmp_path: 
     """When a replica stops renewing, another takes all its leases once they expire."""
     path = tmp_path / "state.db"
     stores = [ThreadedSqlite(SqliteStore(path)) for _ in range(2)]
-    a = LeaseKeeper(stores[0], "A", 1.0, ["x", "y"], CollectorRegistry())
-    b = LeaseKeeper(stores[1], "B", 1.0, ["x", "y"], CollectorRegistry())
+    a = LeaseKeeper(stores[0], "A", 1.0, ["x", "y"], LeaseMetrics(CollectorRegistry()))
+    b = LeaseKeeper(stores[1], "B", 1.0, ["x", "y"], LeaseMetrics(CollectorRegistry()))
     try:
         await a.round()
         assert sorted(a.holdings) == [OUTBOX, "x", "y"]
@@ -223,13 +264,48 @@ async def test_a_dead_replicas_scripts_are_taken_over_with_new_epochs(tmp_path: 
             await s.aclose()
 
 
+async def test_an_older_process_under_a_claimed_id_acts_on_nothing(tmp_path: Path) -> None:
+    """Two live processes with one replica id: the one started last claims the id, the other
+    drops every lease it held without giving them back, says why, and shows it in /metrics;
+    once the newer one is gone, it acts again."""
+    path = tmp_path / "state.db"
+    stores = [ThreadedSqlite(SqliteStore(path)) for _ in range(2)]
+    registry = CollectorRegistry()
+    old = LeaseKeeper(stores[0], "pod-0", 1.0, ["api"], LeaseMetrics(registry))
+    problems: list[str | None] = []
+    old.on_conflict = problems.append
+    try:
+        await old.announce()
+        await old.round()
+        assert sorted(old.holdings) == [OUTBOX, "api"]
+        new = LeaseKeeper(stores[1], "pod-0", 1.0, ["api"], LeaseMetrics(CollectorRegistry()))
+        await new.announce()
+        with pytest.raises(ReplicaIdInUse):
+            await old.round()
+        assert not old.holdings
+        assert registry.get_sample_value("coalmine_replica_id_conflict") == 1
+        assert registry.get_sample_value("coalmine_lease_held", {"script": "api"}) == 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(old.run)
+            deadline = time.monotonic() + 10
+            while not problems or problems[-1] is not None:  # the newer one never renews
+                assert time.monotonic() < deadline, f"still standing aside: {problems}"
+                await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        assert problems[0] is not None and "COALMINE_REPLICA_ID" in problems[0]
+        assert registry.get_sample_value("coalmine_replica_id_conflict") == 0
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
 async def test_a_rollback_goes_out_under_a_fresh_lease_while_the_database_is_down(
     tmp_path: Path,
 ) -> None:
     """With the database unreachable, a lease still good by the holder's own renewal lets a
     rollback through (it never waits for the store); every other write waits."""
     store = ThreadedSqlite(SqliteStore(tmp_path / "state.db"))
-    keeper = LeaseKeeper(store, "A", 60, ["api"], CollectorRegistry())
+    keeper = LeaseKeeper(store, "A", 60, ["api"], LeaseMetrics(CollectorRegistry()))
     await keeper.round()
     await keeper.check("api")  # the database says the lease is ours
     store.sync.close()  # from now on every statement fails: the store is down
@@ -280,7 +356,9 @@ async def test_no_call_goes_out_for_a_script_whose_lease_lapsed(tmp_path: Path) 
     process paused while it waited for a rate-limit token); other requests pass."""
     now = [0.0]
     store = ThreadedSqlite(SqliteStore(tmp_path / "state.db"))
-    keeper = LeaseKeeper(store, "A", 3.0, ["api"], CollectorRegistry(), clock=lambda: now[0])
+    keeper = LeaseKeeper(
+        store, "A", 3.0, ["api"], LeaseMetrics(CollectorRegistry()), clock=lambda: now[0]
+    )
     keeper.holdings.set("api", Fence("A", 1), until=2.0)
     request = httpx.Request("POST", "https://api.cloudflare.com/client/v4/x")
     try:

@@ -32,6 +32,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.leases = LeaseMetrics(registry)  # exported alone too (no samples), for the alerts
         self.build = Info("coalmine_build", "coalmine's version.", registry=registry)
         self.build.info({"version": __version__})
         self.phase = Gauge(
@@ -231,3 +232,43 @@ def _reader(budget: Budget) -> Callable[[], float]:
 
 def _value(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+class LeaseMetrics:
+    """What /metrics says about leases."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.held = Gauge(
+            "coalmine_lease_held",
+            "1 when this replica holds the script's lease (script `*outbox`: the outbox's).",
+            ["script"],
+            registry=registry,
+        )
+        self.epoch = Gauge(
+            "coalmine_lease_epoch",
+            "The fencing epoch of each lease, whoever holds it.",
+            ["script"],
+            registry=registry,
+        )
+        self.acquired = Counter(
+            "coalmine_lease_acquired",
+            "Leases this replica took (at start or over from another replica).",
+            ["script"],
+            registry=registry,
+        )
+        self.lost = Counter(
+            "coalmine_lease_lost",
+            "Leases this replica lost without giving them back (expired, or taken over).",
+            ["script"],
+            registry=registry,
+        )
+        self.replicas = Gauge(
+            "coalmine_replicas_live",
+            "Replicas with a live heartbeat (0: one process alone, on SQLite).",
+            registry=registry,
+        )
+        self.id_conflict = Gauge(
+            "coalmine_replica_id_conflict",
+            "1 while another live process uses this replica's id (this one then acts on nothing).",
+            registry=registry,
+        )

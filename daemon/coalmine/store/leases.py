@@ -74,12 +74,33 @@ LEASE_MIGRATION = """
 """
 """The SQLite schema of leases, heartbeats and forwarded commands (appended to its migrations)."""
 
+INSTANCE_MIGRATION = "ALTER TABLE replicas ADD COLUMN instance TEXT"
+"""Each heartbeat carries its process's token: a process sees another announce its id."""
+
 # SQLite's clock, in Unix seconds with milliseconds: the database's, not the caller's
 _NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+# a heartbeat renews its id's row only while the row is its own, tokenless, or expired
+_OURS = (
+    " WHERE replicas.instance IS NULL OR replicas.instance = excluded.instance"
+    f" OR replicas.expires_at <= {_NOW}"
+)
 
 
 class LeaseLost(RemoteError):
     """This replica no longer holds a lease it acted under: it must not act, and steps down."""
+
+
+class ReplicaIdInUse(RemoteError):
+    """Another live process announces itself under this replica's id: leases name their holder
+    by id, so two processes with one id would both act on them. This one must act on nothing."""
+
+    def __init__(self, replica: str, expires_in: float) -> None:
+        self.replica = replica
+        super().__init__(
+            f"replica id {replica!r} is in use by another live process (its heartbeat"
+            f" lasts {max(0.0, expires_in):.0f} s more); give each replica its own"
+            " COALMINE_REPLICA_ID"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +124,17 @@ class LeaseRow:
 class LeaseOps(Protocol):
     """The lease operations a store shared by replicas offers (all on the database's clock)."""
 
-    async def heartbeat(self, replica: str, ttl: float) -> list[str]:
-        """Announce ``replica`` alive for ``ttl`` seconds; return every live replica's id."""
+    async def heartbeat(
+        self, replica: str, ttl: float, instance: str, *, claim: bool = False
+    ) -> list[str]:
+        """Announce ``replica`` alive for ``ttl`` seconds; return every live replica's id.
+
+        ``instance`` is the announcing process's own random token. With ``claim`` (a process
+        starting) the id becomes this process's whatever announced it before: the newest
+        process wins, as a restarted container takes its own leases back at once. Otherwise,
+        when a live heartbeat of the id carries another token, nothing is written and
+        :class:`ReplicaIdInUse` is raised (a row without a token, from before tokens, is
+        taken over)."""
         ...
 
     async def renew(self, replica: str, held: Mapping[str, int], ttl: float) -> dict[str, int]:
@@ -196,15 +226,24 @@ class SqliteLeaseOps:
             )
         return fence.epoch
 
-    def heartbeat(self, replica: str, ttl: float) -> list[str]:
+    def heartbeat(
+        self, replica: str, ttl: float, instance: str, *, claim: bool = False
+    ) -> list[str]:
         """See :meth:`LeaseOps.heartbeat`."""
         with self._transaction() as db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute(
-                f"INSERT INTO replicas (id, started_at, expires_at) VALUES (?, {_NOW}, {_NOW} + ?)"
-                " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at",
-                (replica, ttl),
+            cursor = db.execute(
+                "INSERT INTO replicas (id, instance, started_at, expires_at)"
+                f" VALUES (?, ?, {_NOW}, {_NOW} + ?)"
+                " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at,"
+                " instance = excluded.instance" + ("" if claim else _OURS),
+                (replica, instance, ttl),
             )
+            if cursor.rowcount != 1:
+                row = db.execute(
+                    f"SELECT expires_at - {_NOW} FROM replicas WHERE id = ?", (replica,)
+                ).fetchone()
+                raise ReplicaIdInUse(replica, float(row[0]) if row else 0.0)
             db.execute(f"DELETE FROM replicas WHERE expires_at < {_NOW} - ?", (HEARTBEATS_KEPT,))
             db.execute(f"DELETE FROM commands WHERE created_at < {_NOW} - ?", (HEARTBEATS_KEPT,))
             rows = db.execute(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from coalmine.store.journal import canonical
-from coalmine.store.leases import HEARTBEATS_KEPT, Fence, LeaseLost, LeaseRow
+from coalmine.store.leases import HEARTBEATS_KEPT, Fence, LeaseLost, LeaseRow, ReplicaIdInUse
 
 T = TypeVar("T")
 Connection = psycopg.AsyncConnection[Any]
@@ -49,8 +49,16 @@ LEASE_MIGRATION = """
 """
 """The PostgreSQL schema of leases, heartbeats and forwarded commands."""
 
+INSTANCE_MIGRATION = "ALTER TABLE replicas ADD COLUMN instance TEXT"
+"""Each heartbeat carries its process's token: a process sees another announce its id."""
+
 _NOW = "clock_timestamp()"
 _LATER = "clock_timestamp() + make_interval(secs => %s)"
+# a heartbeat renews its id's row only while the row is its own, tokenless, or expired
+_OURS = (
+    " WHERE replicas.instance IS NULL OR replicas.instance = excluded.instance"
+    f" OR replicas.expires_at <= {_NOW}"
+)
 
 
 class PostgresLeaseOps:
@@ -85,17 +93,28 @@ class PostgresLeaseOps:
             )
         return fence.epoch
 
-    async def heartbeat(self, replica: str, ttl: float) -> list[str]:
+    async def heartbeat(
+        self, replica: str, ttl: float, instance: str, *, claim: bool = False
+    ) -> list[str]:
         """See :meth:`~coalmine.store.leases.LeaseOps.heartbeat`."""
 
         async def work(conn: Connection) -> list[str]:
             async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO replicas (id, started_at, expires_at)"
-                    f" VALUES (%s, {_NOW}, {_LATER})"
-                    " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at",
-                    (replica, ttl),
+                cursor = await conn.execute(
+                    "INSERT INTO replicas (id, instance, started_at, expires_at)"
+                    f" VALUES (%s, %s, {_NOW}, {_LATER})"
+                    " ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at,"
+                    " instance = excluded.instance" + ("" if claim else _OURS),
+                    (replica, instance, ttl),
                 )
+                if cursor.rowcount != 1:
+                    cursor = await conn.execute(
+                        f"SELECT extract(epoch FROM expires_at - {_NOW}) FROM replicas"
+                        " WHERE id = %s",
+                        (replica,),
+                    )
+                    row = await cursor.fetchone()
+                    raise ReplicaIdInUse(replica, float(row[0]) if row else 0.0)
                 await conn.execute(
                     f"DELETE FROM replicas WHERE expires_at < {_NOW} - make_interval(secs => %s)",
                     (HEARTBEATS_KEPT,),

@@ -36,7 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 from coalmine.engine.model import format_time
 from coalmine.errors import StoreError
 from coalmine.store.journal import GENESIS, canonical, entry_hash, verify_entries
-from coalmine.store.pg_leases import LEASE_MIGRATION, PostgresLeaseOps
+from coalmine.store.pg_leases import INSTANCE_MIGRATION, LEASE_MIGRATION, PostgresLeaseOps
 from coalmine.store.records import (
     Intent,
     JournalEntry,
@@ -123,6 +123,7 @@ MIGRATIONS: tuple[str, ...] = (
         FOR EACH STATEMENT EXECUTE FUNCTION coalmine_journal_append_only();
     """,
     LEASE_MIGRATION,
+    INSTANCE_MIGRATION,
 )
 
 T = TypeVar("T")

@@ -29,7 +29,7 @@ from typing import Any
 from coalmine.engine.model import format_time
 from coalmine.errors import StoreError
 from coalmine.store.journal import GENESIS, canonical, entry_hash, verify_entries
-from coalmine.store.leases import LEASE_MIGRATION, SqliteLeaseOps
+from coalmine.store.leases import INSTANCE_MIGRATION, LEASE_MIGRATION, SqliteLeaseOps
 from coalmine.store.records import (
     Intent,
     JournalEntry,
@@ -100,6 +100,7 @@ MIGRATIONS: tuple[str, ...] = (
         strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
     """,
     LEASE_MIGRATION,
+    INSTANCE_MIGRATION,
 )
 SQLITE_HEADER = b"SQLite format 3\x00"
 

@@ -122,9 +122,11 @@ class ThreadedSqlite:
 
     # ---- leases (see coalmine.store.leases) ---------------------------------------------------
 
-    async def heartbeat(self, replica: str, ttl: float) -> list[str]:
+    async def heartbeat(
+        self, replica: str, ttl: float, instance: str, *, claim: bool = False
+    ) -> list[str]:
         """See :meth:`~coalmine.store.leases.LeaseOps.heartbeat`."""
-        return await self._run(lambda: self.sync.heartbeat(replica, ttl))
+        return await self._run(lambda: self.sync.heartbeat(replica, ttl, instance, claim=claim))
 
     async def renew(self, replica: str, held: Mapping[str, int], ttl: float) -> dict[str, int]:
         """See :meth:`~coalmine.store.leases.LeaseOps.renew`."""
