@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     )
     replica_id: str | None = Field(
         default=None,
-        description="This replica's name in leases, /metrics and `coalmine status`."
+        description="This replica's name in leases, /metrics and `coalmine status`; one live"
+        " process per id (an older process still running under it acts on nothing)."
         " Unset: hostname-pid.",
     )
     cloudflare_rate_limit: int = Field(
