@@ -132,6 +132,7 @@ class ScriptLoop:
         self._next_policy: tuple[Policy, Engine] | None = None  # reloaded, not in use yet
         self._stopping = False
         self._epoch: int | None = None  # the lease epoch this loop last acted under
+        self._durable: tuple[object, ...] | None = None  # state.durable() last committed
 
     def wake(self) -> None:
         """Tick now instead of at the next scheduled time."""
@@ -478,11 +479,23 @@ class ScriptLoop:
         now: datetime,
         live: LiveDeployment | None,
     ) -> None:
+        durable = state.durable()
+        if (
+            not decisions
+            and durable == self._durable
+            and durable == before.durable()
+            and self._shared.guard.store.ok  # a commit is how a failed store is found back
+        ):
+            # Nothing a restart needs changed (only each rule's latest reading and the tick's
+            # time): no commit. docs/reliability.md ("Ticks that decide nothing") says why a
+            # restart loses nothing.
+            self.state = state
+            return
         entries = [
             NewEntry(d.t, self.script, d.requested_by or d.actor, d.action, d.to_dict())
             for d in decisions
         ]
-        intents = intents_for(decisions, live, before.to_json())
+        intents = intents_for(decisions, live, before.to_json()) if decisions else []
         notes = notifications(
             decisions, before, rollout_links(self._shared.public_url, self.script)
         )
@@ -490,6 +503,7 @@ class ScriptLoop:
             await self._shared.store.commit(
                 self.script, state.to_json(), entries, notes, now, intents
             )
+            self._durable = durable
         except StoreError as exc:
             if any(intent.kind != "rollback" for intent in intents):
                 raise  # progress waits for its durable intent; the next tick decides again

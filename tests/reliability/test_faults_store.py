@@ -135,7 +135,9 @@ async def test_writes_failing_for_minutes_degrade_then_unhealthy_then_recover(
         with failing_writes(h.db.path):
             await h.ticks(2, held_at=10)
             assert_degraded(await health(client), "state_store")
-            await h.ticks(10, held_at=10)
+            # the first tick decided nothing new and wrote nothing: the store failed from the
+            # second one on (the first write it was asked for)
+            await h.ticks(11, held_at=10)
             body = await health(client)
             assert body["status"] == "unhealthy"
             assert body["checks"]["state_store"]["status"] == "failing"

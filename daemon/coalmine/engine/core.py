@@ -26,6 +26,7 @@ from coalmine.engine.lifecycle import Event, RolloutPhase, transition
 from coalmine.engine.model import Command, Decision, Deployment, Observation, Options
 from coalmine.engine.outages import also_inconclusive, outage_paged
 from coalmine.engine.state import RolloutState, RuleStatus, RuleTrack, replace_track
+from coalmine.engine.windows import WindowClock
 from coalmine.policy import Policy
 
 P = RolloutPhase
@@ -121,6 +122,8 @@ class Engine:
         self._warmup = policy.analysis.warmup
         self._page_after = policy.analysis.inconclusive_page_after
         self._watch = policy.post_promotion.watch
+        self.windows = WindowClock(policy.deployment_windows)
+        self._webhooks = any(r.when is not None for r in rules)  # rules due only at some ticks
 
     def hold(self, step: int) -> timedelta:
         """How long the canary is held at ``step`` (an index into the policy's steps)."""
@@ -218,14 +221,25 @@ class Engine:
             (canary if obs.role == "canary" else stable)[obs.rule] = obs
         warming_up = s.warmup_until is not None and now < s.warmup_until
         trips: list[tuple[CompiledRule, RuleTrack]] = []
+        tracks = s.rules
         for rule in self._active_rules(s, now, frozen):
-            prev = s.rules.get(rule.name, _EMPTY)
-            mine, theirs = canary.get(rule.name), stable.get(rule.name)
-            if rule.compares:
+            name = rule.name
+            prev = tracks.get(name, _EMPTY)
+            mine, theirs = canary.get(name), stable.get(name)
+            if rule.confidence is not None:  # rule.compares, without the property's call
                 track = judge_compare(rule, prev, mine, theirs, now, warming_up, s.step_started_at)
             else:
                 track = judge(rule, prev, mine, theirs, now, warming_up)
-            s.rules[rule.name] = self._notify(run, rule, prev, track, trips)
+            # Only a tripped, paged or inconclusive track can page, resolve or roll back: the
+            # others (most, at most ticks) skip the call.
+            if (
+                track.tripped
+                or track.paged
+                or track.inconclusive_paged
+                or track.inconclusive_since is not None
+            ):
+                track = self._notify(run, rule, prev, track, trips)
+            tracks[name] = track
         if trips:
             self._rollback_trips(run, trips)
         if s.phase in (P.CANARY, P.PAUSED):
@@ -271,7 +285,7 @@ class Engine:
             rules = self._after_rollback
         else:
             return ()
-        if now is None:
+        if now is None or not self._webhooks:
             return rules
         return tuple(r for r in rules if r.when is None or gates.due(self, r, s, now, frozen))
 
@@ -413,7 +427,7 @@ class Engine:
         assert s.step_started_at is not None
         if run.now < s.step_started_at + self._holds[s.step]:
             return
-        blockers = gates.blockers(self, s, run.now, run.frozen)
+        blockers = gates.blockers(self, s, run.now, run.frozen, words=False)
         if blocked is not None:
             blockers.append(Blocker("shell", blocked))
         if not blockers:
@@ -421,10 +435,13 @@ class Engine:
             return
         key = "|".join(b.key for b in blockers)
         if key == s.hold_reason:
-            return
+            return  # said at an earlier tick
         s.hold_reason = key
         if any(d.action == "hold" for d in run.out):
             return  # a trip already said why this tick holds
+        blockers = gates.blockers(self, s, run.now, run.frozen)  # the same, now in words
+        if blocked is not None:
+            blockers.append(Blocker("shell", blocked))
         reason = "not advancing: " + "; ".join(b.reason for b in blockers)
         first = blockers[0].rule
         if first is not None:

@@ -27,7 +27,6 @@ from coalmine.engine import texts
 from coalmine.engine.lifecycle import RolloutPhase
 from coalmine.engine.model import format_time
 from coalmine.engine.state import RolloutState, RuleStatus, RuleTrack
-from coalmine.engine.windows import inside_window, next_opening
 
 if TYPE_CHECKING:
     from coalmine.engine.core import Engine
@@ -61,7 +60,7 @@ def due(
             s.phase is RolloutPhase.CANARY
             and s.step_started_at is not None
             and now >= s.step_started_at + engine.hold(s.step)
-            and not blockers(engine, s, now, frozen, webhooks=False)
+            and not blockers(engine, s, now, frozen, webhooks=False, words=False)
         )
     if track is not None and track.status is RuleStatus.OK:
         return False  # passed once in this phase: done
@@ -69,10 +68,18 @@ def due(
 
 
 def blockers(
-    engine: Engine, s: RolloutState, now: datetime, frozen: str | None, *, webhooks: bool = True
+    engine: Engine,
+    s: RolloutState,
+    now: datetime,
+    frozen: str | None,
+    *,
+    webhooks: bool = True,
+    words: bool = True,
 ) -> list[Blocker]:
     """Why the canary may not advance at ``now`` once its hold has elapsed (none: it may).
-    ``webhooks=False`` leaves ``before_advance`` webhooks out: whether they are due."""
+    ``webhooks=False`` leaves ``before_advance`` webhooks out: whether they are due.
+    ``words=False`` leaves every reason empty: the keys alone, for a tick that only needs to
+    know whether they changed (writing the reasons costs more than finding the blockers)."""
     found = []
     if s.phase is P.PAUSED:
         found.append(Blocker("paused", "paused by an operator"))
@@ -84,26 +91,18 @@ def blockers(
         if rule.when == "before_advance" and (not webhooks or track.evaluated_at != now):
             waiting.append(rule)  # only a call at this tick counts
         elif track.status is RuleStatus.BREACHING:
-            found.append(
-                Blocker(
-                    f"breaching:{rule.name}",
-                    f"{rule.name} breaching ({texts.value_text(rule, track)})",
-                    rule,
-                )
-            )
+            why = f"{rule.name} breaching ({texts.value_text(rule, track)})" if words else ""
+            found.append(Blocker(f"breaching:{rule.name}", why, rule))
         elif not track.status.passes_gate:
-            found.append(
-                Blocker(
-                    f"inconclusive:{rule.name}",
-                    f"{rule.name} {texts.inconclusive_text(track)}",
-                    rule,
-                )
-            )
-    windows = engine.policy.deployment_windows
-    if not inside_window(windows, now):
-        opening = next_opening(windows, now)
-        when = f"; next opens {format_time(opening)}" if opening else ""
-        found.append(Blocker("window", f"outside the deployment windows{when}"))
+            why = f"{rule.name} {texts.inconclusive_text(track)}" if words else ""
+            found.append(Blocker(f"inconclusive:{rule.name}", why, rule))
+    if not engine.windows.inside(now):
+        why = ""
+        if words:
+            opening = engine.windows.next_opening(now)
+            when = f"; next opens {format_time(opening)}" if opening else ""
+            why = f"outside the deployment windows{when}"
+        found.append(Blocker("window", why))
     if not engine.options.auto_promote:
         found.append(
             Blocker("auto_promote", "auto-promote is off: waiting for an operator's promote")
@@ -112,7 +111,7 @@ def blockers(
         found.append(Blocker(f"freeze:{frozen}", frozen))
     if webhooks and waiting and not found:
         names = ", ".join(r.name for r in waiting)
-        why = f"{names} not called yet: called once every other gate passes"
+        why = f"{names} not called yet: called once every other gate passes" if words else ""
         found.append(Blocker("before_advance", why, waiting[0]))
     return found
 

@@ -107,6 +107,13 @@ def inconclusive_reason(rule: CompiledRule, obs: Observation | None) -> str | No
     return None
 
 
+def conclusive(rule: CompiledRule, obs: Observation | None) -> bool:
+    """``inconclusive_reason(rule, obs) is None``, without writing the reason."""
+    if obs is None or obs.error is not None or obs.value is None or not math.isfinite(obs.value):
+        return False
+    return rule.min_samples is None or (obs.samples is not None and obs.samples >= rule.min_samples)
+
+
 def judge(
     rule: CompiledRule,
     prev: RuleTrack,
@@ -122,50 +129,55 @@ def judge(
     - breaching: the first one sets ``breached_since``; trips at ``breached_since + for``;
     - not breaching: clears the breach and the trip.
     """
-    why = inconclusive_reason(rule, canary)
     stable_value = stable.value if stable is not None and stable.error is None else None
     # the stable version breaches too, judged as the canary would be (min_samples included)
     stable_breaching = (
-        inconclusive_reason(rule, stable) is None
-        and stable_value is not None
-        and breaches(rule, stable_value)
+        stable_value is not None and conclusive(rule, stable) and breaches(rule, stable_value)
     )
-    samples = canary.samples if canary is not None else None
-    value = canary.value if canary is not None and canary.error is None else None
-    if why is not None:
+    if canary is not None and conclusive(rule, canary):
+        value = canary.value
+        assert value is not None  # conclusive implies a finite value
+        # breaches() and _verdict(), written out: this is the engine's most frequent path
+        breaching = value > rule.threshold if rule.above else value < rule.threshold
+        if warming_up:  # judged later: neither starts nor clears a breach
+            status, since, tripped = RuleStatus.WARMUP, prev.breached_since, prev.tripped
+        elif breaching:
+            since = prev.breached_since or now
+            status, tripped = RuleStatus.BREACHING, prev.tripped or now >= since + rule.for_
+        else:
+            status, since, tripped = RuleStatus.OK, None, False
         return RuleTrack(
-            status=RuleStatus.INCONCLUSIVE,
+            status=status,
             value=value,
-            samples=samples,
+            samples=canary.samples,
             stable_value=stable_value,
-            detail=why,
+            detail="",
             evaluated_at=now,
-            breached_since=prev.breached_since,
-            tripped=prev.tripped,
-            inconclusive_since=prev.inconclusive_since or now,
+            breaching=breaching,
+            breached_since=since,
+            tripped=tripped,
+            inconclusive_since=None,
             paged=prev.paged,
             inconclusive_paged=prev.inconclusive_paged,
             stable_breaching=stable_breaching,
-            shared=prev.shared,
+            shared=prev.shared and tripped,
         )
-    assert value is not None  # conclusive implies a finite value
-    breaching = breaches(rule, value)
-    status, since, tripped = _verdict(rule, prev, breaching, now, warming_up)
+    why = inconclusive_reason(rule, canary)
+    assert why is not None
     return RuleTrack(
-        status=status,
-        value=value,
-        samples=samples,
+        status=RuleStatus.INCONCLUSIVE,
+        value=canary.value if canary is not None and canary.error is None else None,
+        samples=canary.samples if canary is not None else None,
         stable_value=stable_value,
-        detail="",
+        detail=why,
         evaluated_at=now,
-        breaching=breaching,
-        breached_since=since,
-        tripped=tripped,
-        inconclusive_since=None,
+        breached_since=prev.breached_since,
+        tripped=prev.tripped,
+        inconclusive_since=prev.inconclusive_since or now,
         paged=prev.paged,
         inconclusive_paged=prev.inconclusive_paged,
         stable_breaching=stable_breaching,
-        shared=prev.shared and tripped,
+        shared=prev.shared,
     )
 
 

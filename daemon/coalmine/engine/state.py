@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import Enum, StrEnum
-from typing import Any
+from operator import attrgetter
+from typing import Any, NamedTuple
 
 from coalmine.engine.compare import Evidence
 from coalmine.engine.lifecycle import RolloutPhase
@@ -32,9 +33,13 @@ class RuleStatus(StrEnum):
         return self is RuleStatus.OK
 
 
-@dataclass(frozen=True, slots=True)
-class RuleTrack:
-    """One rule's latest evaluation and its breach and paging bookkeeping."""
+class RuleTrack(NamedTuple):
+    """One rule's latest evaluation and its breach and paging bookkeeping.
+
+    Immutable, as a named tuple rather than a frozen dataclass: the engine builds one per rule
+    at every tick, and a frozen dataclass's ``__init__`` costs about twice as much (one
+    ``object.__setattr__`` call per field).
+    """
 
     status: RuleStatus = RuleStatus.NONE
     value: float | None = None
@@ -62,7 +67,7 @@ class RuleTrack:
         rule's evidence carries on: each window is judged at its own split."""
         if self.breached_since is None and not self.tripped:
             return self
-        return _replace(self, breached_since=None, tripped=False, shared=False)
+        return self._replace(breached_since=None, tripped=False, shared=False)
 
 
 @dataclass(slots=True)
@@ -88,15 +93,44 @@ class RolloutState:
 
     def copy(self) -> RolloutState:
         """A copy the engine may change; rule tracks are immutable and shared."""
-        clone = _copy_slots(self)
+        # Field by field: the engine copies the state at every call, and this is several
+        # times faster than a loop over the slots (tests/unit/test_engine_speedups.py checks
+        # that every field is copied).
+        clone = _new_state(RolloutState)
+        clone.script = self.script
+        clone.phase = self.phase
+        clone.stable = self.stable
+        clone.canary = self.canary
+        clone.step = self.step
+        clone.canary_percent = self.canary_percent
+        clone.started_at = self.started_at
+        clone.step_started_at = self.step_started_at
+        clone.warmup_until = self.warmup_until
+        clone.promoted_at = self.promoted_at
+        clone.stood_down_from = self.stood_down_from
+        clone.expected = self.expected
+        clone.live = self.live
+        clone.hold_reason = self.hold_reason
+        clone.last_tick = self.last_tick
         clone.rules = dict(self.rules)
         return clone
 
+    def durable(self) -> tuple[object, ...]:
+        """What a restart needs of this state, in a form to compare: everything but the
+        readings of the latest evaluation, which the next tick takes again (each rule's value,
+        samples, stable value, detail, evaluation time, confidence interval and whether the
+        stable version breached) and ``last_tick``. Two states with equal ``durable()``
+        resume the same rollout: the breach and inconclusive clocks, the pages, a compare
+        rule's evidence, the step and its hold are all in it (docs/reliability.md)."""
+        rules = {name: _durable_track(track) for name, track in self.rules.items()}
+        return _durable_fields(self), rules  # a dict: the rules' order does not matter
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (strict JSON: no NaN literals)."""
-        out = {f.name: _encode(getattr(self, f.name)) for f in fields(self) if f.name != "rules"}
+        values = zip(_STATE_FIELDS, _state_values(self), strict=True)
+        out = {name: _encode(value) for name, value in values}
         out["rules"] = {
-            name: {f.name: _encode(getattr(track, f.name)) for f in fields(track)}
+            name: {key: _encode(value) for key, value in zip(_TRACK_FIELDS, track, strict=True)}
             for name, track in self.rules.items()
         }
         return out
@@ -167,17 +201,22 @@ def _decode(name: str, value: Any) -> Any:
 
 def replace_track(track: RuleTrack, **changes: Any) -> RuleTrack:
     """A copy of ``track`` with ``changes``."""
-    return _replace(track, **changes)
+    return track._replace(**changes)
 
 
-def _replace(track: RuleTrack, **changes: Any) -> RuleTrack:
-    values = {f.name: getattr(track, f.name) for f in fields(track)}
-    values.update(changes)
-    return RuleTrack(**values)
-
-
-def _copy_slots(state: RolloutState) -> RolloutState:
-    clone = object.__new__(RolloutState)
-    for name in RolloutState.__slots__:
-        object.__setattr__(clone, name, getattr(state, name))
-    return clone
+_new_state = object.__new__
+_TRACK_FIELDS = RuleTrack._fields
+_STATE_FIELDS = tuple(f.name for f in fields(RolloutState) if f.name != "rules")
+_state_values = attrgetter(*_STATE_FIELDS)
+_durable_fields = attrgetter(*(name for name in _STATE_FIELDS if name != "last_tick"))
+_durable_track = attrgetter(
+    "status",
+    "breaching",
+    "breached_since",
+    "tripped",
+    "inconclusive_since",
+    "paged",
+    "inconclusive_paged",
+    "evidence",
+    "shared",
+)
