@@ -8,7 +8,15 @@ import math
 
 import pytest
 
-from coalmine.engine.compare import Evidence, change_weight
+from coalmine.engine.compare import (
+    AT_STEPS,
+    LATER,
+    PLANNED,
+    SINCE_START,
+    Evidence,
+    alternative_weights,
+    change_weight,
+)
 from tests.support import T0
 from tests.unit.test_compare import binomial
 
@@ -17,15 +25,28 @@ BAR = 100.0  # 1 / (1 - confidence) at confidence 0.99
 
 @pytest.mark.parametrize("horizon", [1, 60, 180, 1000])
 def test_the_weights_spend_at_most_the_whole_budget(horizon: int) -> None:
-    """The change weights sum to at most 1 whatever the traffic changes (0.4 on the start, at
-    most 0.2 on the first windows of steps), so the detector's statistic plus the weight still
+    """The change weights sum to at most 1 whatever the traffic changes (0.5 on the start, at
+    most 0.1 on the first windows of steps), so the detector's statistic plus the weight still
     to come is a supermartingale starting at <= 1."""
     weights = [change_weight(j, horizon) for j in range(1, 200_000)]
     at_steps = sum(change_weight(2, horizon, k) - change_weight(2, horizon) for k in range(1, 60))
-    assert weights[0] >= 0.4
-    assert at_steps <= 0.2 + 1e-12
+    assert weights[0] >= SINCE_START == 0.5
+    assert at_steps <= AT_STEPS + 1e-12
+    assert math.isclose(SINCE_START + AT_STEPS + PLANNED + LATER, 1.0)
     assert sum(weights) + at_steps <= 1.0 + 1e-12
     assert all(w > 0 for w in weights)
+
+
+@pytest.mark.parametrize("max_ratio", [1.01, 1.2, 1.5, 3.0])
+def test_the_prior_over_alternatives_is_a_probability_weighted_to_small_regressions(
+    max_ratio: float,
+) -> None:
+    """The detector's alternatives are weighted in inverse proportion to the ratio and their
+    weights sum to 1 (a mixture of supermartingales with weights summing to 1 is one)."""
+    weights = [math.exp(w) for w in alternative_weights(max_ratio)]
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights == sorted(weights, reverse=True)
+    assert weights[0] / weights[-1] == pytest.approx(16, rel=0.2)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0, 1.5])
