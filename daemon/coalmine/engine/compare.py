@@ -180,7 +180,8 @@ class Evidence:
         """
         if not self.detector:  # evidence from before the detector: the since-start test alone
             return self.e_value(max_ratio) * SINCE_START
-        terms, weights = [], alternative_weights(max_ratio)
+        terms: list[float] = []
+        weights = alternative_weights(max_ratio)
         for d, r in zip(self.detector, GRID, strict=True):
             if max_ratio < r <= max_ratio * ALTERNATIVES_UP_TO:
                 terms.append(d + weights[len(terms)])
