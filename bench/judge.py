@@ -283,6 +283,7 @@ class Verdict:
 
     tripped_at: float | None = None
     promoted: bool = False
+    applies: bool = True  # False: the judge has nothing to say here (an oracle without a fault)
 
 
 class Judge:
@@ -443,6 +444,8 @@ class OracleJudge(Judge):
         self.bar = 1.0 / (1.0 - confidence)
 
     def decide(self, scenario: Scenario, traffic: Traffic) -> Verdict:
+        if not any(scenario.ratio_at(k) > self.max_ratio for k in range(scenario.intervals)):
+            return Verdict(applies=False)  # no regression to know of: it cannot trip
         windows = windows_of(traffic, scenario.intervals)
         if self.knows == "onset":
             k = sprt_trip(
@@ -453,7 +456,7 @@ class OracleJudge(Judge):
             k = sr_trip(windows, scenario.ratio_since, self.max_ratio, self.bar, horizon)
         if k is not None:
             return Verdict(tripped_at=INTERVAL * (k + 1))
-        return Verdict(promoted=not scenario.hold_to_end and scenario.regresses)
+        return Verdict()  # an oracle neither passes nor holds: its "promoted" row is "-"
 
 
 # ---- Kayenta: NetflixACAJudge's Mann-Whitney classifier -----------------------------------------
@@ -770,7 +773,14 @@ def table(results: Results, names: list[str], keys: set[str]) -> list[list[str]]
     for row in ROWS:
         if row.scenario not in keys:
             continue
-        cells = [row.cell(results.verdicts[(row.scenario, name)]) for name in names]
+        cells = [
+            row.cell(verdicts)
+            if any(v.applies for v in verdicts)
+            and not (name.startswith("oracle") and row.label.endswith("promoted"))
+            else "-"
+            for name in names
+            for verdicts in [results.verdicts[(row.scenario, name)]]
+        ]
         rows.append([row.label, row.target, *cells])
     return rows
 
