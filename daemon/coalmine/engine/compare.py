@@ -78,22 +78,28 @@ DEFAULT_HORIZON = 120  # windows, when the policy's holds say nothing (an hour o
 # the start keeps a regression present from the start nearly as fast as the since-start test
 # alone; a traffic change is at most one or two per canary, so 0.1 covers them.
 SINCE_START, AT_STEPS, PLANNED, LATER = 0.5, 0.1, 0.35, 0.05
+# Evidence started before 2026-12-03 keeps the split and the even prior it started with
+# (``Evidence.scheme`` 0), so that a canary in flight across an upgrade keeps its guarantee.
+_SHARES = {0: (0.4, 0.2, 0.3, 0.1), 1: (SINCE_START, AT_STEPS, PLANNED, LATER)}
+SCHEME = 1
 
 
-def change_weight(j: int, horizon: int, step: int = 0) -> float:
+def change_weight(j: int, horizon: int, step: int = 0, scheme: int = SCHEME) -> float:
     """The share of the false-alarm budget on a change starting at window ``j`` (from 1);
     ``step`` > 0 when window ``j`` is the first of the ``step``-th traffic change.
 
     0.5 on the start (the since-start test); 0.1 on the first windows of traffic changes
     (0.05, 0.025, ... for the first, second, ...: a fault that shows under more load); 0.35
     evenly over the first ``horizon`` windows; 0.05 over the rest as ``1 / (m (m + 1))``.
-    Whatever the path, they sum to at most 1.
+    Whatever the path, they sum to at most 1. ``scheme`` 0: the split before 2026-12-03
+    (0.4, 0.2, 0.3, 0.1), kept for evidence that started under it.
     """
+    start, at_steps, planned_share, later_share = _SHARES[scheme]
     span = max(1, horizon)
-    planned = PLANNED / span if j <= span else 0.0
-    later = LATER / ((j - span) * (j - span + 1)) if j > span else 0.0
-    at_step = AT_STEPS * 0.5**step if step > 0 else 0.0
-    return (SINCE_START if j == 1 else 0.0) + at_step + planned + later
+    planned = planned_share / span if j <= span else 0.0
+    later = later_share / ((j - span) * (j - span + 1)) if j > span else 0.0
+    at_step = at_steps * 0.5**step if step > 0 else 0.0
+    return (start if j == 1 else 0.0) + at_step + planned + later
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +122,7 @@ class Evidence:
     windows: int = 0
     detector: tuple[float, ...] = ()
     steps: int = 0  # traffic changes the evidence carried across
+    scheme: int = SCHEME  # the detector's budget split and prior (0: before 2026-12-03)
 
     def add(
         self,
@@ -149,7 +156,7 @@ class Evidence:
             null += here
         steps = self.steps + 1 if new_step and self.windows > 0 else self.steps
         at_step = steps if steps > self.steps else 0
-        log_w = math.log(change_weight(self.windows + 1, horizon, at_step))
+        log_w = math.log(change_weight(self.windows + 1, horizon, at_step, self.scheme))
         detector = tuple(
             min(_logaddexp(d, log_w), _LOG_CAP) + w
             for d, w in zip(self.detector or (-math.inf,) * len(GRID), window, strict=True)
@@ -167,6 +174,7 @@ class Evidence:
             self.windows + 1,
             detector,
             steps,
+            self.scheme,
         )
 
     # ---- what the evidence says -----------------------------------------------------------
@@ -179,9 +187,9 @@ class Evidence:
         :func:`alternative_weights`): small regressions need every nat, gross ones have plenty.
         """
         if not self.detector:  # evidence from before the detector: the since-start test alone
-            return self.e_value(max_ratio) * SINCE_START
+            return self.e_value(max_ratio) * _SHARES[self.scheme][0]
         terms: list[float] = []
-        weights = alternative_weights(max_ratio)
+        weights = alternative_weights(max_ratio, even=self.scheme == 0)
         for d, r in zip(self.detector, GRID, strict=True):
             if max_ratio < r <= max_ratio * ALTERNATIVES_UP_TO:
                 terms.append(d + weights[len(terms)])
@@ -224,7 +232,7 @@ class Evidence:
         """
         if not self.loglik:
             return 0.0, math.inf
-        bar = math.log(1.0 / (SINCE_START * (1.0 - confidence)))  # the since-start share
+        bar = math.log(1.0 / (_SHARES[self.scheme][0] * (1.0 - confidence)))  # its share
         ll = self.loglik
         best = max(range(len(GRID)), key=ll.__getitem__)  # the likeliest ratio: never rejected
 
@@ -256,12 +264,16 @@ class Evidence:
             "windows": self.windows,
             "detector": [_finite(d) for d in self.detector],
             "steps": self.steps,
+            "scheme": self.scheme,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Evidence:
         """The inverse of :meth:`to_json`."""
         until = data.get("covered_until")
+        scheme = int(data.get("scheme", 0))  # saved before schemes: the first
+        if scheme not in _SHARES:
+            raise ValueError(f"unknown change-detector scheme {scheme}")
         return cls(
             float(data["canary_events"]),
             float(data["canary_samples"]),
@@ -273,10 +285,11 @@ class Evidence:
             int(data.get("windows", 0)),
             tuple(-math.inf if d is None else float(d) for d in data.get("detector", ())),
             int(data.get("steps", 0)),
+            scheme,
         )
 
 
-def alternative_weights(max_ratio: float) -> list[float]:
+def alternative_weights(max_ratio: float, even: bool = False) -> list[float]:
     """The log prior weights of the detector's alternatives ``GRID[k]`` in ``(max_ratio, 16 x
     max_ratio]``, in grid order: proportional to ``max_ratio / GRID[k]``, summing to 1.
 
@@ -285,6 +298,8 @@ def alternative_weights(max_ratio: float) -> list[float]:
     cases a little and costs the gross ones nothing at 30 s resolution.
     """
     ratios = [r for r in GRID if max_ratio < r <= max_ratio * ALTERNATIVES_UP_TO]
+    if even:  # evidence of scheme 0
+        return [-math.log(len(ratios))] * len(ratios)
     total = sum(max_ratio / r for r in ratios)
     return [math.log(max_ratio / r / total) for r in ratios]
 
