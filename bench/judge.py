@@ -625,7 +625,7 @@ def judges() -> list[Judge]:
     ]
 
 
-FLOOR_RATIOS = (1.5, 1.2)
+FLOOR_RATIOS = (1.5, 1.2, 1.0)  # 1.0: "no worse than stable", the strictest null
 
 
 @dataclass(slots=True)
