@@ -14,8 +14,9 @@ is the uniformly most powerful unbiased test of a ratio of Poisson rates.
 
 - :func:`sprt_trip`, *knows the onset and the ratio*: Wald's sequential probability ratio
   test, the product of the windows' likelihood ratios since the onset, tripping at
-  ``1 / (1 - confidence)``. Valid by Ville's inequality; optimal in expected delay up to the
-  overshoot (Wald-Wolfowitz). Achievable only by a test that is told when the fault starts.
+  ``1 / (1 - confidence)``. Valid by Ville's inequality; among tests with its guarantee, close
+  to the smallest expected delay (Wald-Wolfowitz; asymptotically optimal as a power-one test,
+  Lai). Achievable only by a test that is told when the fault starts.
 - :func:`sr_trip`, *knows the ratio, not the onset*: the Shiryaev-Roberts e-detector with the
   exact alternative (for a ramp: its shape from each candidate start), every window of the
   planned canary a candidate start with weight ``1 / horizon``, tripping at
@@ -28,7 +29,9 @@ is the uniformly most powerful unbiased test of a ratio of Poisson rates.
   whose false trips over the rollout are at most ``1 - confidence`` trips before that minute
   under the null at most as often, so it cannot catch more than half the regressions by that
   minute unless this test does. The first minute at which it catches half is a lower bound on
-  any such test's median delay, even one told the onset and the ratio.
+  any such test's median delay, even one told the onset and the ratio. (Under that null each
+  window's event total has the same Poisson law as under the alternative, so drawing the null on
+  the alternative's totals is exact; the critical value is estimated from the canaries run.)
 """
 
 from __future__ import annotations
