@@ -5,6 +5,8 @@ Run from the repository root::
     .venv/bin/python bench/judge.py                  # 1,000 canaries per scenario
     .venv/bin/python bench/judge.py --quick          # 60 per scenario: a smoke run
     .venv/bin/python bench/judge.py --canaries 4000 --seed 2 --markdown
+    .venv/bin/python bench/judge.py --only late3x,burn --canaries 200   # some scenarios, fast
+    .venv/bin/python bench/judge.py --only x10_1000 --judges "compare 1.5,oracle 1.5: knows onset"
 
 This is a benchmark, not a test (it is not part of ``make test``): it prints a table and exits 0
 whatever the figures, and writes no file. docs/benchmarks.md ("Compare judge") has the results.
@@ -49,6 +51,13 @@ counts from the canary's start. In the A/A scenarios auto-promote is off, so tha
 (and every rule) is watched for the whole 90 minutes. A bad canary is *promoted* when it was
 not caught in the 30-minute step and the judge would let it advance: coalmine's engine promotes
 it at 30:00 (its rule conclusive and not breaching), or Kayenta's judgement at minute 30 passed.
+
+Oracles (bench/oracle.py): tests with the compare rule's guarantee that are told the regression's
+ratio at every minute (``oracle 1.5: knows ratio``, a Shiryaev-Roberts detector over every window
+of the 90 planned minutes) and its onset too (``oracle 1.5: knows onset``, Wald's sequential
+test from the onset), and, printed under the table, the floor no test with the guarantee can
+beat: the first minute by which the most powerful test for that minute alone catches half the
+regressions. They say whether a target is reachable at all at the scenario's traffic.
 """
 
 from __future__ import annotations
@@ -76,6 +85,7 @@ from coalmine.engine.model import Role
 from coalmine.policy import Policy, Rule
 from coalmine.policyfile import load_policy
 from machine import code_version, cpu_model, load
+from oracle import Window, np_floor, sprt_trip, sr_trip
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNBOOK = ROOT / "policies" / "runbook.yaml"
@@ -119,6 +129,22 @@ class Scenario:
     def intervals(self) -> int:
         return self.minutes * 60 // INTERVAL
 
+    @property
+    def onset_window(self) -> int:
+        return math.ceil(self.onset * 60 / INTERVAL)
+
+    def ratio_at(self, k: int) -> float:
+        """The canary's error rate over the stable's in interval ``k`` (the oracles' truth)."""
+        return self.canary_rate(k * INTERVAL / 60, self.stable_rate) / self.stable_rate
+
+    def ratio_since(self, m: int) -> float:
+        """The regression's ratio ``m`` intervals after its onset."""
+        return self.ratio_at(self.onset_window + m)
+
+    @property
+    def regresses(self) -> bool:
+        return self.ramp is not None or self.factor > 1
+
 
 SCENARIOS = (
     Scenario("aa60", "A/A, 60 req/min", 60, 1.0, 90, hold_to_end=True),
@@ -139,6 +165,8 @@ SCENARIOS = (
     Scenario("x4_60", "canary 4x, 60 req/min", 60, 4.0, STEP_MINUTES),
     Scenario("x10_1000", "canary 10x, 1,000 req/min", 1000, 10.0, STEP_MINUTES),
     Scenario("shared", "both 10x from minute 5, 1,000 req/min", 1000, 1.0, STEP_MINUTES, 5.0),
+    # the least favourable null of max_ratio 1.5: where its guarantee binds
+    Scenario("atmax", "canary 1.5x, 1,000 req/min", 1000, 1.5, 90, hold_to_end=True),
     # the runbook's second step: 50% for an hour
     Scenario("late3x", "3x from minute 40 of the 50% hour", 1000, 3.0, 60, share=0.5, onset=40),
     Scenario(
@@ -153,6 +181,9 @@ SCENARIOS = (
         ramp=(0.02, 45),
     ),
 )
+
+
+SCENARIO_KEYS = tuple(s.key for s in SCENARIOS)
 
 
 @dataclass(slots=True)
@@ -252,6 +283,7 @@ class Verdict:
 
     tripped_at: float | None = None
     promoted: bool = False
+    applies: bool = True  # False: the judge has nothing to say here (an oracle without a fault)
 
 
 class Judge:
@@ -394,6 +426,37 @@ class SinceStartJudge(Judge):
                 return Verdict(tripped_at=INTERVAL * (k + 1))
         # it passes at the step's end once it saw 1,000 canary requests
         return Verdict(promoted=not scenario.hold_to_end and evidence.canary_samples >= 1000)
+
+
+def windows_of(traffic: Traffic, intervals: int) -> list[Window]:
+    c, s = traffic.canary, traffic.stable
+    return [(c.errors[k], c.requests[k], s.errors[k], s.requests[k]) for k in range(intervals)]
+
+
+class OracleJudge(Judge):
+    """A test with the compare rule's guarantee that is told the regression's ratio at every
+    interval (``knows="ratio"``: a Shiryaev-Roberts detector over the 90 planned minutes) or its
+    onset too (``knows="onset"``: Wald's SPRT from the onset); bench/oracle.py."""
+
+    def __init__(self, max_ratio: float, knows: str, confidence: float = 0.99) -> None:
+        self.name = f"oracle {max_ratio:g}: knows {knows}"
+        self.max_ratio, self.knows = max_ratio, knows
+        self.bar = 1.0 / (1.0 - confidence)
+
+    def decide(self, scenario: Scenario, traffic: Traffic) -> Verdict:
+        if not any(scenario.ratio_at(k) > self.max_ratio for k in range(scenario.intervals)):
+            return Verdict(applies=False)  # no regression to know of: it cannot trip
+        windows = windows_of(traffic, scenario.intervals)
+        if self.knows == "onset":
+            k = sprt_trip(
+                windows, scenario.ratio_at, scenario.onset_window, self.max_ratio, self.bar
+            )
+        else:
+            horizon = 90 * 60 // INTERVAL  # the runbook's canary: 30 min at 10%, 1 h at 50%
+            k = sr_trip(windows, scenario.ratio_since, self.max_ratio, self.bar, horizon)
+        if k is not None:
+            return Verdict(tripped_at=INTERVAL * (k + 1))
+        return Verdict()  # an oracle neither passes nor holds: its "promoted" row is "-"
 
 
 # ---- Kayenta: NetflixACAJudge's Mann-Whitney classifier -----------------------------------------
@@ -555,7 +618,14 @@ def judges() -> list[Judge]:
         KayentaJudge("Kayenta, baseline", lambda t: t.baseline),
         EngineJudge("absolute", runbook_rule()),
         EngineJudge("absolute 5m", runbook_rule(window="5m", min_samples=500)),
+        OracleJudge(1.5, "ratio"),
+        OracleJudge(1.5, "onset"),
+        OracleJudge(1.2, "ratio"),
+        OracleJudge(1.2, "onset"),
     ]
+
+
+FLOOR_RATIOS = (1.5, 1.2, 1.0)  # 1.0: "no worse than stable", the strictest null
 
 
 @dataclass(slots=True)
@@ -564,17 +634,27 @@ class Results:
 
     verdicts: dict[tuple[str, str], list[Verdict]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    floors: dict[tuple[str, float], float | None] = field(default_factory=dict)  # minutes
 
 
-def run(canaries: int, seed: int, all_judges: list[Judge]) -> Results:
+def run(
+    canaries: int, seed: int, all_judges: list[Judge], scenarios: Sequence[Scenario] = SCENARIOS
+) -> Results:
     results = Results()
-    for scenario in SCENARIOS:
+    for scenario in scenarios:
         started = time.process_time()
+        kept: list[list[Window]] = []
         for i in range(canaries):
             traffic = simulate(scenario, random.Random(f"judge/{seed}/{scenario.key}/{i}"))
+            if scenario.regresses and not scenario.hold_to_end:
+                kept.append(windows_of(traffic, scenario.intervals))
             for judge in all_judges:
                 verdict = judge.decide(scenario, traffic)
                 results.verdicts.setdefault((scenario.key, judge.name), []).append(verdict)
+        for max_ratio in FLOOR_RATIOS if kept else ():
+            k = np_floor(kept, scenario.ratio_at, scenario.onset_window, max_ratio, 0.99, seed)
+            floor = None if k is None else INTERVAL * (k + 1) / 60 - scenario.onset
+            results.floors[(scenario.key, max_ratio)] = floor
         results.seconds[scenario.key] = time.process_time() - started
     return results
 
@@ -678,14 +758,29 @@ ROWS = (
         lambda vs: _median_minutes(vs, 55, onset=5),
     ),
     Row("burn", "slow burn: tripped before the ramp", "-", lambda vs: _share(vs, _before(5))),
+    Row(
+        "atmax",
+        "canary 1.5x (at max_ratio 1.5), 1,000 req/min, 90 min: trips",
+        "≤ 1% at 1.5",
+        lambda vs: _share(vs, _tripped),
+    ),
 )
 
 
-def table(results: Results, names: list[str]) -> list[list[str]]:
+def table(results: Results, names: list[str], keys: set[str]) -> list[list[str]]:
     header = ["scenario: measure", "target", *names]
     rows = [header]
     for row in ROWS:
-        cells = [row.cell(results.verdicts[(row.scenario, name)]) for name in names]
+        if row.scenario not in keys:
+            continue
+        cells = [
+            row.cell(verdicts)
+            if any(v.applies for v in verdicts)
+            and not (name.startswith("oracle") and row.label.endswith("promoted"))
+            else "-"
+            for name in names
+            for verdicts in [results.verdicts[(row.scenario, name)]]
+        ]
         rows.append([row.label, row.target, *cells])
     return rows
 
@@ -714,7 +809,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of every generator (1)")
     parser.add_argument("--markdown", action="store_true", help="the table as Markdown")
+    parser.add_argument(
+        "--only", help="scenarios to run, comma-separated keys: " + ",".join(SCENARIO_KEYS)
+    )
+    parser.add_argument("--judges", help="judges to run, comma-separated names (all)")
     args = parser.parse_args(argv)
+    keys = args.only.split(",") if args.only else list(SCENARIO_KEYS)
+    unknown = [k for k in keys if k not in SCENARIO_KEYS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}: one of {', '.join(SCENARIO_KEYS)}")
+    scenarios = [s for s in SCENARIOS if s.key in keys]
     canaries = 60 if args.quick else args.canaries
     shown = sys.argv[1:] if argv is None else argv
     print("coalmine compare-judge benchmark")
@@ -727,16 +831,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date:    {datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(f"code:    {code_version('daemon/coalmine', 'bench/judge.py')}")
     all_judges = judges()
+    if args.judges:
+        names = [n.strip() for n in args.judges.split(",")]
+        known = {j.name for j in all_judges}
+        if missing := [n for n in names if n not in known]:
+            parser.error(f"unknown judge {', '.join(missing)}: one of {', '.join(sorted(known))}")
+        all_judges = [j for j in all_judges if j.name in names]
     for judge in all_judges:
         if isinstance(judge, EngineJudge):
             print(f"{judge.name + ':':<19}{judge.describe()}")
     print(f"canaries: {canaries:,} per scenario, seed {args.seed}")
     print()
     started = time.perf_counter()
-    results = run(canaries, args.seed, all_judges)
+    results = run(canaries, args.seed, all_judges, scenarios)
     wall = time.perf_counter() - started
-    rows = table(results, [j.name for j in all_judges])
+    rows = table(results, [j.name for j in all_judges], set(keys))
     (print_markdown if args.markdown else print_text)(rows)
+    if results.floors:
+        print()
+        print("floor: the first minute after the onset by which the most powerful test at 1%")
+        print("for that minute alone, told the onset and the ratio, catches half the regressions:")
+        for (key, max_ratio), floor in results.floors.items():
+            shown = "never" if floor is None else f"{floor:.1f} min"
+            print(f"  {key}, max_ratio {max_ratio:g}: {shown}")
     print()
     cpu = ", ".join(f"{key} {seconds:.0f} s" for key, seconds in results.seconds.items())
     print(f"run time: {wall:.0f} s wall ({cpu} CPU); load average after: {load()}")

@@ -8,24 +8,50 @@ import math
 
 import pytest
 
-from coalmine.engine.compare import Evidence, change_weight
+from coalmine.engine.compare import (
+    AT_STEPS,
+    GRID,
+    LATER,
+    PLANNED,
+    SINCE_START,
+    Evidence,
+    alternative_weights,
+    change_weight,
+)
 from tests.support import T0
 from tests.unit.test_compare import binomial
 
 BAR = 100.0  # 1 / (1 - confidence) at confidence 0.99
 
 
+@pytest.mark.parametrize("scheme", [0, 1])
 @pytest.mark.parametrize("horizon", [1, 60, 180, 1000])
-def test_the_weights_spend_at_most_the_whole_budget(horizon: int) -> None:
-    """The change weights sum to at most 1 whatever the traffic changes (0.4 on the start, at
-    most 0.2 on the first windows of steps), so the detector's statistic plus the weight still
-    to come is a supermartingale starting at <= 1."""
-    weights = [change_weight(j, horizon) for j in range(1, 200_000)]
-    at_steps = sum(change_weight(2, horizon, k) - change_weight(2, horizon) for k in range(1, 60))
-    assert weights[0] >= 0.4
-    assert at_steps <= 0.2 + 1e-12
+def test_the_weights_spend_at_most_the_whole_budget(horizon: int, scheme: int) -> None:
+    """The change weights sum to at most 1 whatever the traffic changes (now 0.5 on the start,
+    at most 0.1 on the first windows of steps; before: 0.4 and 0.2), so the detector's
+    statistic plus the weight still to come is a supermartingale starting at <= 1."""
+    weights = [change_weight(j, horizon, 0, scheme) for j in range(1, 200_000)]
+    at_steps = sum(
+        change_weight(2, horizon, k, scheme) - change_weight(2, horizon, 0, scheme)
+        for k in range(1, 60)
+    )
+    assert weights[0] >= (SINCE_START if scheme else 0.4)
+    assert at_steps <= (AT_STEPS if scheme else 0.2) + 1e-12
+    assert math.isclose(SINCE_START + AT_STEPS + PLANNED + LATER, 1.0)
     assert sum(weights) + at_steps <= 1.0 + 1e-12
     assert all(w > 0 for w in weights)
+
+
+@pytest.mark.parametrize("max_ratio", [1.01, 1.2, 1.5, 3.0])
+def test_the_prior_over_alternatives_is_a_probability_weighted_to_small_regressions(
+    max_ratio: float,
+) -> None:
+    """The detector's alternatives are weighted in inverse proportion to the ratio and their
+    weights sum to 1 (a mixture of supermartingales with weights summing to 1 is one)."""
+    weights = [math.exp(w) for w in alternative_weights(max_ratio)]
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights == sorted(weights, reverse=True)
+    assert weights[0] / weights[-1] == pytest.approx(16, rel=0.2)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0, 1.5])
@@ -78,6 +104,30 @@ def test_a_late_regression_is_caught_about_as_fast_as_an_early_one() -> None:
     assert early is not None and late is not None
     assert late <= 1.5 * early
     assert since_alone is None or since_alone > late + 20
+
+
+def test_evidence_saved_before_the_tuning_keeps_its_split_and_even_prior() -> None:
+    """Evidence saved without a scheme (before 2026-12-03) goes on with the split and the even
+    prior it started with, so a canary in flight across an upgrade keeps its guarantee; new
+    evidence uses the new ones; an unknown scheme is an error, not a guess."""
+    old = Evidence(scheme=0).add(1.5, 9, 100, 4, 900, T0, horizon=60)
+    saved = old.to_json()
+    del saved["scheme"]
+    loaded = Evidence.from_json(saved)
+    assert loaded == old
+    grown = loaded.add(1.5, 9, 100, 4, 900, T0, horizon=60)
+    # the old statistic: the even average over the 16 alternatives, the old weights 0.4 + 0.3/60
+    terms = [d for d, r in zip(grown.detector, GRID, strict=True) if 1.5 < r <= 24]
+    assert len(terms) == 16
+    assert grown.alarm(1.5) == pytest.approx(sum(math.exp(d) for d in terms) / 16)
+    fresh = Evidence().add(1.5, 9, 100, 4, 900, T0, horizon=60)
+    assert Evidence().scheme == 1
+    gap = math.log((0.5 + 0.35 / 60) / (0.4 + 0.3 / 60))  # the first window's weight, new / old
+    assert all(
+        n - o == pytest.approx(gap) for n, o in zip(fresh.detector, old.detector, strict=True)
+    )
+    with pytest.raises(ValueError, match="scheme"):
+        Evidence.from_json({**saved, "scheme": 7})
 
 
 def test_evidence_persists_with_the_detector() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from coalmine.cli.replay import parse_records, replay
 from coalmine.engine import Engine, Observation, RolloutState, RuleStatus
-from coalmine.engine.compare import GRID, Evidence, _log_e
+from coalmine.engine.compare import GRID, SINCE_START, Evidence, _log_e
 from coalmine.errors import PolicyError
 from coalmine.policyfile import parse_policy
 from tests.support import T0, Rollout, at, make_policy
@@ -365,7 +365,7 @@ def test_the_interval_agrees_with_the_test() -> None:
         assert (low >= 1.5) == rejects
         assert low <= high
         plain_low, plain_high = evidence.interval(0.99)
-        bar = math.log(250)  # the since-start share (0.4) of the budget
+        bar = math.log(100 / SINCE_START)  # the since-start share of the budget
         everywhere = [
             GRID[k]
             for k in range(len(GRID))
