@@ -134,6 +134,16 @@ class Settings(BaseSettings):
         default=timedelta(seconds=60),
         description="How often scripts without a canary are checked for a new split.",
     )
+    drift_interval: Duration = Field(
+        default=timedelta(minutes=30),
+        description="An idle script's deployment is read at least this often, even without a"
+        " signal (a split on a script with no traffic, a missed signal).",
+    )
+    canary_drift_interval: Duration = Field(
+        default=timedelta(minutes=2),
+        description="A script with a live canary reads its deployment at least this often (every"
+        " tick when its interval is longer), before every write and when its versions changed.",
+    )
     listen: str = Field(
         default="127.0.0.1:9300",
         description="host:port of /metrics, /health and the admin API (port 0: any).",
