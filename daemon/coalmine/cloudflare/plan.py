@@ -229,7 +229,10 @@ class Plan:
         text = f"the Cloudflare budget plan does not fit: {'; '.join(over)}"
         if self.changes:
             return f"{text}; change one of: {' | '.join(self.changes)}"
-        return f"{text}; no single change found: watch fewer scripts or use another token"
+        return (
+            f"{text}; no change of one or two settings makes it fit: fewer canaries at once,"
+            " or split the scripts between coalmine instances with API tokens of their own"
+        )
 
 
 def budgets(inputs: Inputs) -> tuple[Budget, Budget]:
@@ -335,7 +338,7 @@ MAX_FIXES = 8
 def _fixes(inputs: Inputs) -> tuple[Fix, ...]:
     """Changes that make the plan fit: single changes first, in the order an operator would
     try them; then, for the levers no single change of which is enough, pairs of them."""
-    levers = list(_levers(inputs))
+    levers = [lever for lever in _levers(inputs) if lever]
     found: list[Fix] = []
     short: list[list[Change]] = []  # levers that cannot make it fit alone
     for lever in levers:
