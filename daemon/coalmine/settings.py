@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
 
+from coalmine.cloudflare.plan import READING
 from coalmine.durations import format_duration
 from coalmine.errors import ConfigError
 from coalmine.policy import Duration
@@ -343,5 +344,7 @@ def reference() -> str:
         "`COALMINE_STATE_URL` whose database cannot be used (a missing or read-only folder, a file",
         "that is not a SQLite database or is corrupt, a schema from a newer coalmine) stops",
         "coalmine with exit 2, naming the file and the cause.",
+        "",
+        READING,
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
