@@ -7,11 +7,13 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
+from coalmine.cli import main
 from coalmine.cloudflare.planner import CHECK
 from coalmine.engine import RolloutPhase
 from coalmine.simulator import Behaviour
@@ -137,3 +139,28 @@ async def test_a_reload_recomputes_the_plan_for_the_new_scripts(tmp_path: Path) 
     assert line["why"] == "scripts watched" and line["rest"] == 10.0
     assert metrics["coalmine_cloudflare_budget_planned{rest}"] == 10.0  # 60 x 300 s / 30 min
     assert metrics["coalmine_cloudflare_budget_more_canaries"] == 60.0
+
+
+async def status_lines(client: httpx.AsyncClient, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """``coalmine status`` against the served daemon (in a thread: it blocks), its lines."""
+    capsys.readouterr()
+    code = await anyio.to_thread.run_sync(lambda: main(["status", "--url", str(client.base_url)]))
+    assert code == 0
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("budget:")]
+
+
+async def test_status_shows_the_plan_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`coalmine status` ends with the plan: the numbers and the room, or the first change."""
+    env = {"COALMINE_CLOUDFLARE_GRAPHQL_RATE_LIMIT": "10"}
+    async with harness(tmp_path, env=env) as h, served(h) as client:
+        idle = await status_lines(client, capsys)
+        await h.tick()
+        live = await status_lines(client, capsys)
+    # one canary more would need 15 GraphQL queries of the 10
+    assert idle == ["budget: REST 1/600, GraphQL 5/10 per 5 min; 0 more canaries would fit"]
+    assert live == [
+        "budget: OVER: REST 5/600, GraphQL 15/10 per 5 min;"
+        " fix: analysis.interval 1m in policy e2e (now 30s)"
+    ]

@@ -341,7 +341,9 @@ plan fits, `GET /health` is `degraded` with the `cloudflare_budget` check failin
 same reason, and its `budget_plan` has the numbers. On `/metrics`:
 `coalmine_cloudflare_budget_planned{api}`, `coalmine_cloudflare_budget_limit{api}`,
 `coalmine_cloudflare_budget_reserve{api}` and `coalmine_cloudflare_budget_more_canaries`; the
-alert `CoalmineBudgetPlanOverLimit` watches them. Sizing an account:
+alert `CoalmineBudgetPlanOverLimit` watches them. `coalmine status` ends with one line, e.g.
+`budget: REST 384/600, GraphQL 15/200 per 5 min; 48 more canaries would fit`, or `budget:
+OVER: ...; fix: ...` with the first change. Sizing an account:
 [deploy.md](deploy.md#sizing-an-account).
 """
 
