@@ -104,7 +104,7 @@ class Shared:
     reads: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(20))
     freeze: IncidentFreeze | None = None  # PagerDuty's incidents, for policies with a freeze
     leases: LeaseKeeper | None = None  # replicas on PostgreSQL: act only on leased scripts
-    on_canary: Callable[[str, bool], None] = lambda script, live: None  # the budget plan's
+    on_canary: Callable[[str, bool], None] = lambda script, live: None  # tells the budget plan
 
 
 class ScriptLoop:

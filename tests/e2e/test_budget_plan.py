@@ -164,3 +164,23 @@ async def test_status_shows_the_plan_in_one_line(
         "budget: OVER: REST 5/600, GraphQL 15/10 per 5 min;"
         " fix: analysis.interval 1m in policy e2e (now 30s)"
     ]
+
+
+async def test_discovery_falling_back_recomputes_the_plan(tmp_path: Path) -> None:
+    """Without account-wide discovery an idle script costs a read per discovery interval (not
+    per drift interval) until it is back; a new reason alone logs nothing."""
+    async with harness(tmp_path, start_canary=False) as h, served(h) as client:
+        planner = h.daemon.planner
+        assert planner is not None
+        with structlog.testing.capture_logs() as logs:
+            planner.fallback("no Account Analytics Read")
+            planner.fallback("the GraphQL budget refused")
+            fell = await budget(client)
+            planner.fallback(None)
+        back = await budget(client)
+    assert [(e["why"], e.get("discovery_fallback")) for e in plan_lines(logs)] == [
+        ("discovery fell back", "no Account Analytics Read"),
+        ("account-wide discovery back", None),
+    ]
+    assert fell["coalmine_cloudflare_budget_planned{rest}"] == 5.0  # every minute
+    assert back["coalmine_cloudflare_budget_planned{rest}"] == 0.2  # every 30 minutes

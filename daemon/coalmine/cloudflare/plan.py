@@ -434,9 +434,9 @@ def _first(
     lever: list[Change], good: Callable[[Change], bool], *, bisect: bool = True
 ) -> Change | None:
     """The mildest change of ``lever`` that is ``good``. Bisection assumes each step costs
-    no more than the one before; a policy's interval may break that (a new interval is a new
-    analytics query), so its steps are also tried one by one: bisection then still returns a
-    good step, if not always the mildest."""
+    no more than the one before. A policy's interval may break that (a new interval is a new
+    analytics query), so a single change of it is looked for step by step (``bisect=False``);
+    in a pair, bisection still returns a good step, if not always the mildest."""
     if not lever:
         return None
     if not bisect:
