@@ -3,8 +3,6 @@ the room for more canaries, and computed changes that make an over-budget plan f
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,10 +30,10 @@ def parts(inputs: Inputs) -> dict[str, float]:
 def go_live(inputs: Inputs, counts: list[int]) -> Inputs:
     """``inputs`` with ``counts[i]`` more of group i's idle scripts running a canary."""
     groups = tuple(
-        replace(g, live=g.live + n, idle=g.idle - n)
+        g._replace(live=g.live + n, idle=g.idle - n)
         for g, n in zip(inputs.groups, counts, strict=True)
     )
-    return replace(inputs, groups=groups)
+    return inputs._replace(groups=groups)
 
 
 def test_the_issues_account_fits_the_defaults_part_by_part() -> None:
@@ -62,10 +60,10 @@ def test_the_rollback_reserve_is_never_planned() -> None:
     reserve = write_reserve(600)
     assert reserve == TokenBucket(600).reserve > 0
     # 2 canaries read every 2 min (5 requests) + writes (4); each idle script 1 (every 5 min)
-    base = replace(ACCOUNT, drift=300.0, groups=(Group("p", 1.0, False, live=2, idle=0),))
+    base = ACCOUNT._replace(drift=300.0, groups=(Group("p", 1.0, False, live=2, idle=0),))
     idle_at = int(600 - reserve - 9)  # idle reads that fill the room exactly
-    exactly = replace(base, groups=(*base.groups, Group("q", 1.0, False, 0, idle_at)))
-    over = replace(base, groups=(*base.groups, Group("q", 1.0, False, 0, idle_at + 1)))
+    exactly = base._replace(groups=(*base.groups, Group("q", 1.0, False, 0, idle_at)))
+    over = base._replace(groups=(*base.groups, Group("q", 1.0, False, 0, idle_at + 1)))
     assert budgets(exactly)[0].fits
     assert not budgets(over)[0].fits
     assert budgets(over)[0].planned < 600  # under the limit, but it would spend the reserve
@@ -73,16 +71,15 @@ def test_the_rollback_reserve_is_never_planned() -> None:
 
 def test_a_canary_reads_its_deployment_at_its_interval_or_the_canary_drift_interval() -> None:
     """300 / max(analysis.interval, canary drift): every tick when the interval is longer."""
-    slow = replace(ACCOUNT, groups=(Group("slow", 300.0, False, live=1, idle=0),))
-    fast = replace(ACCOUNT, groups=(Group("fast", 10.0, False, live=1, idle=0),))
+    slow = ACCOUNT._replace(groups=(Group("slow", 300.0, False, live=1, idle=0),))
+    fast = ACCOUNT._replace(groups=(Group("fast", 10.0, False, live=1, idle=0),))
     assert parts(slow)["rest canary reads"] == pytest.approx(1.0)
     assert parts(fast)["rest canary reads"] == pytest.approx(2.5)
 
 
 def test_one_analytics_query_per_distinct_interval_of_live_cloudflare_canaries() -> None:
     """Canaries sharing an interval share one query; idle scripts and other sources add none."""
-    inputs = replace(
-        ACCOUNT,
+    inputs = ACCOUNT._replace(
         groups=(
             Group("a", 30.0, True, live=20, idle=100),
             Group("b", 30.0, True, live=5, idle=0),
@@ -96,7 +93,7 @@ def test_one_analytics_query_per_distinct_interval_of_live_cloudflare_canaries()
 
 def test_in_the_fallback_idle_scripts_cost_a_read_per_discovery_interval() -> None:
     """Without account-wide discovery the issue's account needs 4,975 REST requests: named fixes."""
-    fallback = replace(ACCOUNT, account_wide=False)
+    fallback = ACCOUNT._replace(account_wide=False)
     result = plan(fallback)
     assert parts(fallback)["rest idle discovery reads"] == pytest.approx(950 * 5)
     assert not result.fits and result.more_canaries == 0
@@ -111,7 +108,7 @@ def test_in_the_fallback_idle_scripts_cost_a_read_per_discovery_interval() -> No
 def test_the_drift_interval_named_is_the_shortest_that_fits() -> None:
     """Idle reads just over the room ask for the next step of drift interval, not any bigger."""
     # 2,000 idle scripts at 30 m = 333 reads, + 50 canaries' 225: fits 594; 3,000 do not
-    inputs = replace(ACCOUNT, groups=(Group("runbook", 30.0, True, live=50, idle=3000),))
+    inputs = ACCOUNT._replace(groups=(Group("runbook", 30.0, True, live=50, idle=3000),))
     result = plan(inputs)
     assert not result.fits
     assert result.changes[0] == "raise COALMINE_DRIFT_INTERVAL to 45m (now 30m)"
@@ -121,8 +118,7 @@ def test_the_drift_interval_named_is_the_shortest_that_fits() -> None:
 def test_graphql_over_budget_names_the_policy_interval_and_the_limit() -> None:
     """A 1 s Cloudflare-rule policy over GraphQL's 200: its analysis.interval or the limit;
     not discovery, which alone cannot make room."""
-    inputs = replace(
-        ACCOUNT,
+    inputs = ACCOUNT._replace(
         discovery=10.0,  # 30 queries
         groups=(Group("fast", 1.0, True, live=1, idle=0), Group("slow", 30.0, True, 1, 0)),
     )
@@ -137,8 +133,7 @@ def test_graphql_over_budget_names_the_policy_interval_and_the_limit() -> None:
 
 def test_a_policy_interval_that_joins_another_saves_its_query() -> None:
     """Moving a policy onto another's interval merges two analytics queries into one."""
-    inputs = replace(
-        ACCOUNT,
+    inputs = ACCOUNT._replace(
         graphql_limit=15,
         groups=(Group("a", 30.0, True, live=1, idle=0), Group("b", 20.0, True, live=1, idle=0)),
     )
@@ -148,7 +143,7 @@ def test_a_policy_interval_that_joins_another_saves_its_query() -> None:
 
 def test_no_change_found_says_so() -> None:
     """Canaries that alone overflow every lever: the problem says no change was found."""
-    inputs = replace(ACCOUNT, groups=(Group("runbook", 30.0, False, live=700, idle=0),))
+    inputs = ACCOUNT._replace(groups=(Group("runbook", 30.0, False, live=700, idle=0),))
     result = plan(inputs)  # 700 writes alone exceed even 1,200
     assert result.fixes == ()
     problem = result.problem()

@@ -27,10 +27,10 @@ the one other change it names) makes it fit: checked by computing the plan again
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from coalmine.cloudflare.budgets import WINDOW, write_reserve
 from coalmine.durations import format_duration
@@ -66,9 +66,10 @@ VARIABLES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Group:
-    """The watched scripts of one policy: they cost alike."""
+class Group(NamedTuple):
+    """The watched scripts of one policy: they cost alike. (Named tuples, as are
+    :class:`Inputs`: the fixes' search builds a few thousand variants, and ``_replace`` is
+    several times cheaper than :func:`dataclasses.replace`.)"""
 
     policy: str
     interval: float  # the policy's analysis.interval, seconds
@@ -77,8 +78,7 @@ class Group:
     idle: int  # scripts without one
 
 
-@dataclass(frozen=True, slots=True)
-class Inputs:
+class Inputs(NamedTuple):
     """Everything the plan depends on; durations in seconds."""
 
     groups: tuple[Group, ...]
@@ -169,24 +169,24 @@ class Change:
         value = self.value
         match self.kind:
             case "account_wide":
-                return replace(inputs, account_wide=True)
+                return inputs._replace(account_wide=True)
             case "drift":
-                return replace(inputs, drift=value)
+                return inputs._replace(drift=value)
             case "discovery":
-                return replace(inputs, discovery=value)
+                return inputs._replace(discovery=value)
             case "canary_drift":
-                return replace(inputs, canary_drift=value)
+                return inputs._replace(canary_drift=value)
             case "rest_limit":
-                return replace(inputs, rest_limit=int(value))
+                return inputs._replace(rest_limit=int(value))
             case "graphql_limit":
-                return replace(inputs, graphql_limit=int(value))
+                return inputs._replace(graphql_limit=int(value))
             case "interval":
                 groups = tuple(
-                    replace(g, interval=value) if g.policy == self.policy else g
+                    g._replace(interval=value) if g.policy == self.policy else g
                     for g in inputs.groups
                 )
-                return replace(inputs, groups=groups)
-        return replace(inputs, groups=_drop_idle(inputs.groups, int(value)))
+                return inputs._replace(groups=groups)
+        return inputs._replace(groups=_drop_idle(inputs.groups, int(value)))
 
 
 Fix = tuple[Change, ...]  # changes made together
@@ -236,22 +236,29 @@ class Plan:
 
 
 def budgets(inputs: Inputs) -> tuple[Budget, Budget]:
-    """REST's and GraphQL's plans, part by part."""
+    """REST's and GraphQL's plans, part by part (one pass over the groups: the fixes'
+    search computes this a few hundred times)."""
     window = WINDOW
-    live = [g for g in inputs.groups if g.live]
-    canary_reads = sum(g.live * window / max(g.interval, inputs.canary_drift, 1.0) for g in live)
-    writes = WRITES_PER_CANARY * inputs.live
+    canary_drift = max(inputs.canary_drift, 1.0)
+    canary_reads, live, idle = 0.0, 0, 0
+    intervals: set[float] = set()
+    for g in inputs.groups:
+        if g.live:
+            canary_reads += g.live * window / max(g.interval, canary_drift)
+            live += g.live
+            if g.analytics:
+                intervals.add(g.interval)
+        idle += g.idle
     if inputs.account_wide:
-        idle = ("idle reads", inputs.idle * window / max(inputs.drift, 1.0))
+        idle_part = ("idle reads", idle * window / max(inputs.drift, 1.0))
     else:
-        idle = ("idle discovery reads", inputs.idle * window / max(inputs.discovery, 1.0))
+        idle_part = ("idle discovery reads", idle * window / max(inputs.discovery, 1.0))
     rest = Budget(
         "rest",
         inputs.rest_limit,
         write_reserve(inputs.rest_limit),
-        (("canary reads", canary_reads), ("canary writes", writes), idle),
+        (("canary reads", canary_reads), ("canary writes", WRITES_PER_CANARY * live), idle_part),
     )
-    intervals = {g.interval for g in live if g.analytics}
     analytics = sum(window / max(i, 1.0) for i in intervals)
     graphql = Budget(
         "graphql",
@@ -391,32 +398,51 @@ def _new_intervals(groups: tuple[Group, ...], live: set[float]) -> list[Group]:
 MAX_FIXES = 8
 
 
+@dataclass(frozen=True, slots=True)
+class _Lever:
+    """One thing an operator can change, and its steps from the mildest (a lazy sequence:
+    ``range`` for counts, so thousands of scripts cost nothing until a step is tried)."""
+
+    kind: ChangeKind
+    steps: Sequence[float]
+    policy: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> Change:
+        return Change(self.kind, float(self.steps[i]), self.policy)
+
+
 def _fixes(inputs: Inputs) -> tuple[Fix, ...]:
     """Changes that make the plan fit: single changes first, in the order an operator would
-    try them; then, for the levers no single change of which is enough, pairs of them."""
-    levers = [lever for lever in _levers(inputs) if lever]
+    try them; then, for the levers no single change of which is enough, pairs of them (not
+    two policies' intervals: a pair of policies is rarely what an operator would change)."""
+    levers = [lever for lever in _levers(inputs) if len(lever)]
     found: list[Fix] = []
-    short: list[list[Change]] = []  # levers that cannot make it fit alone
+    short: list[_Lever] = []  # levers that cannot make it fit alone
     for lever in levers:
-        whole = _first(lever, lambda c: _fits(c.apply(inputs)), bisect=lever[0].kind != "interval")
+        whole = _first(lever, lambda c: _fits(c.apply(inputs)), bisect=lever.kind != "interval")
         if whole is not None:
             found.append((whole,))
         else:
             short.append(lever)
     for i, one in enumerate(short):
         for other in short[i + 1 :]:
+            if one.kind == other.kind == "interval":
+                continue
             pair = _pair(inputs, one, other)
             if pair is not None:
                 found.append(pair)
             if len(found) >= MAX_FIXES:
                 return tuple(found)
-    return tuple(found[:MAX_FIXES])
+    return tuple(found)
 
 
-def _pair(inputs: Inputs, one: list[Change], other: list[Change]) -> Fix | None:
+def _pair(inputs: Inputs, one: _Lever, other: _Lever) -> Fix | None:
     """The mildest step of ``one`` that fits with the strongest of ``other``, then the mildest
     step of ``other`` that fits with it; None when even both strongest do not fit."""
-    strongest = other[-1]
+    strongest = other[len(other) - 1]
     first = _first(one, lambda c: _fits(strongest.apply(c.apply(inputs))))
     if first is None:
         return None
@@ -430,18 +456,16 @@ def _fits(inputs: Inputs) -> bool:
     return rest.fits and graphql.fits
 
 
-def _first(
-    lever: list[Change], good: Callable[[Change], bool], *, bisect: bool = True
-) -> Change | None:
-    """The mildest change of ``lever`` that is ``good``. Bisection assumes each step costs
+def _first(lever: _Lever, good: Callable[[Change], bool], *, bisect: bool = True) -> Change | None:
+    """The mildest step of ``lever`` that is ``good``. Bisection assumes each step costs
     no more than the one before. A policy's interval may break that (a new interval is a new
     analytics query), so a single change of it is looked for step by step (``bisect=False``);
     in a pair, bisection still returns a good step, if not always the mildest."""
-    if not lever:
+    if not len(lever):
         return None
     if not bisect:
-        return next((c for c in lever if good(c)), None)
-    if not good(lever[-1]):
+        return next((c for c in map(lever.__getitem__, range(len(lever))) if good(c)), None)
+    if not good(lever[len(lever) - 1]):
         return None
     low, high = 0, len(lever) - 1
     while low < high:
@@ -453,10 +477,10 @@ def _first(
     return lever[low]
 
 
-def _levers(inputs: Inputs) -> Iterator[list[Change]]:
-    """Each thing an operator can change, as its steps from the mildest."""
+def _levers(inputs: Inputs) -> Iterator[_Lever]:
+    """Each thing an operator can change, in the order they would try it."""
     if not inputs.account_wide:
-        yield [Change("account_wide")]
+        yield _Lever("account_wide", (1.0,))
     if inputs.account_wide and inputs.idle:
         yield _ladder("drift", inputs.drift)
     yield _ladder("discovery", inputs.discovery)
@@ -464,32 +488,35 @@ def _levers(inputs: Inputs) -> Iterator[list[Change]]:
         yield _ladder("canary_drift", inputs.canary_drift)
     for g in sorted(inputs.groups, key=lambda g: g.policy):
         if g.live:
-            yield [replace(c, policy=g.policy) for c in _ladder("interval", g.interval)]
+            yield _ladder("interval", g.interval, g.policy)
     yield _limits("rest_limit", inputs.rest_limit, REST_MAX)
     yield _limits("graphql_limit", inputs.graphql_limit, GRAPHQL_MAX)
     if inputs.idle:
-        yield [Change("fewer_idle", n) for n in range(1, inputs.idle + 1)]
+        yield _Lever("fewer_idle", range(1, inputs.idle + 1))
 
 
-def _ladder(kind: ChangeKind, now: float) -> list[Change]:
-    return [Change(kind, float(s)) for s in LADDER if now < s <= MOST[kind]]
+def _ladder(kind: ChangeKind, now: float, policy: str | None = None) -> _Lever:
+    return _Lever(kind, tuple(float(s) for s in LADDER if now < s <= MOST[kind]), policy)
 
 
-def _limits(kind: ChangeKind, now: int, most: int) -> list[Change]:
+def _limits(kind: ChangeKind, now: int, most: int) -> _Lever:
     start = (now // LIMIT_STEP + 1) * LIMIT_STEP
-    steps = list(range(start, most, LIMIT_STEP))
+    steps = [float(n) for n in range(start, most, LIMIT_STEP)]
     if now < most:
-        steps.append(most)
-    return [Change(kind, float(n)) for n in steps]
+        steps.append(float(most))
+    return _Lever(kind, steps)
 
 
 def _drop_idle(groups: tuple[Group, ...], count: int) -> tuple[Group, ...]:
     """``groups`` with ``count`` fewer idle scripts, taken from the last groups first."""
     out = list(groups)
     for i in reversed(range(len(out))):
+        if count <= 0:
+            break
         taken = min(count, out[i].idle)
-        out[i] = replace(out[i], idle=out[i].idle - taken)
-        count -= taken
+        if taken:
+            out[i] = out[i]._replace(idle=out[i].idle - taken)
+            count -= taken
     return tuple(out)
 
 
