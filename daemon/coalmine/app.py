@@ -26,7 +26,8 @@ from coalmine import __version__
 from coalmine.cloudflare.actuator import Actuator
 from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError, GraphQLAnswerError
-from coalmine.daemon import ScriptLoop, Shared
+from coalmine.cloudflare.planner import BudgetPlanner, Watched
+from coalmine.daemon import ACTIVE, ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
 from coalmine.errors import CoalmineError, ConfigError, LocalError, StoreError
 from coalmine.guard import Guard
@@ -155,6 +156,7 @@ class Daemon:
     metrics: Metrics
     health: Health
     leases: LeaseKeeper | None = None
+    planner: BudgetPlanner | None = None
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve HTTP, deliver notifications and run every script's loop until cancelled.
@@ -278,6 +280,8 @@ class Daemon:
             )
             self.loops[script] = loop = ScriptLoop(script, policy, engine, state, self.shared)
             start(loop)
+        if self.planner is not None:
+            self.planner.watch(watched(self.loops))
         log.info(
             "policies reloaded",
             scripts=sorted(self.loops),
@@ -379,6 +383,7 @@ async def open_daemon(
         http = await stack.enter_async_context(httpx.AsyncClient(transport=transport, verify=True))
         metrics = Metrics(CollectorRegistry())
         health = Health(monotonic)  # failing-for times and the unhealthy limit in the daemon's time
+        planner = BudgetPlanner(settings, metrics, health)
 
         def observe(name: str, seconds: float, error: str | None) -> None:
             metrics.observe_call(name, seconds, error)
@@ -439,6 +444,7 @@ async def open_daemon(
             freeze=freeze,
             leases=keeper,
             public_url=settings.public_url or _listen_url(*settings.listen_address),
+            on_canary=planner.canary,
         )
         saved = await store.states()
         loops = {}
@@ -451,8 +457,21 @@ async def open_daemon(
                     else engine.new_state(script)
                 )
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
-        api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
-        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health, keeper)
+        planner.watch(watched(loops))
+        api = Api(
+            loops,
+            metrics,
+            health,
+            _secret(settings.admin_token),
+            lambda: outbox.pending,
+            budget=planner.describe,
+        )
+        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health, keeper, planner)
+
+
+def watched(loops: dict[str, ScriptLoop]) -> list[Watched]:
+    """Each loop's script, policy and whether it has a live canary, for the budget plan."""
+    return [Watched(s, loop.policy, loop.state.phase in ACTIVE) for s, loop in loops.items()]
 
 
 async def _step_down(keeper: LeaseKeeper) -> None:

@@ -104,6 +104,7 @@ class Shared:
     reads: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(20))
     freeze: IncidentFreeze | None = None  # PagerDuty's incidents, for policies with a freeze
     leases: LeaseKeeper | None = None  # replicas on PostgreSQL: act only on leased scripts
+    on_canary: Callable[[str, bool], None] = lambda script, live: None  # tells the budget plan
 
 
 class ScriptLoop:
@@ -248,6 +249,8 @@ class ScriptLoop:
         except Exception as exc:  # a bug must not stop the other scripts or the next tick
             log.exception("internal error; tick skipped", script=self.script, error=repr(exc))
             self._shared.metrics.internal_errors.inc()
+        finally:  # a canary started or ended: the budget plan follows
+            self._shared.on_canary(self.script, self.state.phase in ACTIVE)
 
     async def _lease_gate(self) -> bool:
         """Whether this replica may tick the script; a new holder first reloads its state

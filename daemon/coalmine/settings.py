@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
 
+from coalmine.cloudflare.plan import READING
 from coalmine.durations import format_duration
 from coalmine.errors import ConfigError
 from coalmine.policy import Duration
@@ -134,6 +135,16 @@ class Settings(BaseSettings):
     discovery_interval: Duration = Field(
         default=timedelta(seconds=60),
         description="How often scripts without a canary are checked for a new split.",
+    )
+    drift_interval: Duration = Field(
+        default=timedelta(minutes=30),
+        description="An idle script's deployment is read at least this often, even without a"
+        " signal (a split on a script with no traffic, a missed signal).",
+    )
+    canary_drift_interval: Duration = Field(
+        default=timedelta(minutes=2),
+        description="A script with a live canary reads its deployment at least this often (every"
+        " tick when its interval is longer), before every write and when its versions changed.",
     )
     listen: str = Field(
         default="127.0.0.1:9300",
@@ -334,5 +345,7 @@ def reference() -> str:
         "`COALMINE_STATE_URL` whose database cannot be used (a missing or read-only folder, a file",
         "that is not a SQLite database or is corrupt, a schema from a newer coalmine) stops",
         "coalmine with exit 2, naming the file and the cause.",
+        "",
+        READING,
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ never with ``NO_COLOR``). ``--watch`` redraws until the rollout ends and exits l
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from coalmine.cli.client import daemon_url, request
-from coalmine.errors import LocalError, RemoteError
+from coalmine.errors import CoalmineError, LocalError, RemoteError
 from coalmine.settings import Settings
 
 WIDTH = 100
@@ -39,6 +40,22 @@ def render(rollouts: list[dict[str, Any]], *, colour: bool = False) -> list[str]
     for r in rollouts:
         lines.extend(_clip(line) for line in _rollout(r, paint))
     return lines or ["no scripts are watched"]
+
+
+def budget_line(plan: dict[str, Any] | None, *, colour: bool = False) -> str | None:
+    """One line on the Cloudflare budget plan (``/health``'s ``budget_plan``), or None."""
+    if not plan:
+        return None
+    rest, graphql = plan["rest"], plan["graphql"]
+    numbers = (
+        f"REST {math.ceil(rest['planned'])}/{rest['limit']},"
+        f" GraphQL {math.ceil(graphql['planned'])}/{graphql['limit']} per 5 min"
+    )
+    if plan["fits"]:
+        return _clip(f"budget: {numbers}; {plan['more_canaries']} more canaries would fit")
+    changes = plan.get("changes") or ["see GET /health"]
+    over = _painter(colour)("OVER", "red")
+    return _clip(f"budget: {over}: {numbers}; fix: {changes[0]}")
 
 
 def _rollout(r: dict[str, Any], paint: Callable[[str, str], str]) -> list[str]:
@@ -221,6 +238,15 @@ def _fetch(base: str, script: str | None) -> list[dict[str, Any]]:
     return [body] if script else list(body["rollouts"])
 
 
+def _budget(base: str, colour: bool) -> str | None:
+    """The budget plan's line, or None when /health does not say (an older daemon)."""
+    try:
+        response = request("GET", base + "/health")
+        return budget_line(response.json().get("budget_plan"), colour=colour)
+    except (CoalmineError, ValueError, AttributeError):
+        return None
+
+
 def status(
     settings: Settings,
     url: str | None,
@@ -242,7 +268,10 @@ def status(
                 json.dumps(rollouts[0] if script else {"rollouts": rollouts}, indent=2), file=stream
             )
         else:
-            print("\n".join(render(rollouts, colour=use_colour(stream))), file=stream)
+            lines = render(rollouts, colour=use_colour(stream))
+            if script is None and (line := _budget(base, use_colour(stream))) is not None:
+                lines.append(line)
+            print("\n".join(lines), file=stream)
         return 0
     return _watch(base, script, stream, as_json=as_json, every=every, timeout=timeout)
 

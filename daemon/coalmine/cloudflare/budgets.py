@@ -19,6 +19,18 @@ import anyio
 
 Kind = Literal["read", "write", "rollback"]
 WINDOW = 300.0  # seconds: Cloudflare's budget period
+BURST_FRACTION = 0.1  # a bucket holds this share of its 5 minutes' tokens
+RESERVE_FRACTION = 0.1  # of which this share is kept for writes (rollbacks first)
+
+
+def write_reserve(per_window: int, reserve_fraction: float = RESERVE_FRACTION) -> float:
+    """The tokens a bucket of ``per_window`` keeps for writes: reads never take them, so
+    neither may the budget plan (:mod:`coalmine.cloudflare.plan`)."""
+    return _capacity(per_window, BURST_FRACTION) * reserve_fraction
+
+
+def _capacity(per_window: int, burst_fraction: float) -> float:
+    return max(2.0, per_window * burst_fraction)
 
 
 class BudgetBlocked(Exception):
@@ -36,13 +48,13 @@ class TokenBucket:
         self,
         per_window: int,
         *,
-        reserve_fraction: float = 0.1,
-        burst_fraction: float = 0.1,
+        reserve_fraction: float = RESERVE_FRACTION,
+        burst_fraction: float = BURST_FRACTION,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         self.rate = per_window / WINDOW
-        self.capacity = max(2.0, per_window * burst_fraction)
+        self.capacity = _capacity(per_window, burst_fraction)
         self.reserve = self.capacity * reserve_fraction
         self._tokens = self.capacity
         self._clock = clock

@@ -58,12 +58,15 @@ class Api:
         health: Health,
         admin_token: str | None,
         backlog: Callable[[], int],
+        *,
+        budget: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self._loops = loops
         self._metrics = metrics
         self._health = health
         self._token = admin_token.encode() if admin_token else None
         self._backlog = backlog
+        self._budget = budget
         self._openapi = _json(200, openapi_document())
         self.ready = False
         self._table: list[tuple[str, str, Endpoint]] = [
@@ -141,6 +144,8 @@ class Api:
             ],
             "outbox_backlog": self._backlog(),
         }
+        if (plan := self._budget()) is not None:
+            body["budget_plan"] = plan
         return _json(503 if status == "unhealthy" else 200, body)
 
     async def _get_rollouts(self, request: Request) -> Response:

@@ -39,14 +39,19 @@ class Health:
 
     def record(self, dependency: str, seconds: float, error: str | None) -> None:
         """A call finished."""
-        check = self._checks.setdefault(dependency, Check())
-        check.latency_ms = round(seconds * 1000, 1)
-        if error is None:
+        self.condition(dependency, error)
+        self._checks[dependency].latency_ms = round(seconds * 1000, 1)
+
+    def condition(self, name: str, problem: str | None) -> None:
+        """A condition of coalmine's own, with no call behind it (so no latency): failing,
+        and coalmine degraded, while ``problem`` says why."""
+        check = self._checks.setdefault(name, Check())
+        if problem is None:
             check.ok, check.error, check.failing_since = True, None, None
         else:
             if check.ok:
                 check.failing_since = self._clock()
-            check.ok, check.error = False, error
+            check.ok, check.error = False, problem
 
     @property
     def store_ok(self) -> bool:

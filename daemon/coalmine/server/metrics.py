@@ -13,6 +13,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from coalmine import __version__
+from coalmine.cloudflare.plan import Plan
 from coalmine.engine import Decision, RolloutPhase, RolloutState
 from coalmine.engine.judge import CompiledRule
 from coalmine.engine.state import RuleStatus
@@ -179,6 +180,41 @@ class Metrics:
             ["api"],
             registry=registry,
         )
+
+        self.budget_planned = Gauge(
+            "coalmine_cloudflare_budget_planned",
+            "Cloudflare requests per 5 minutes the budget plan needs for the scripts watched and"
+            " the canaries live now, per API budget (rest, graphql).",
+            ["api"],
+            registry=registry,
+        )
+        self.budget_limit = Gauge(
+            "coalmine_cloudflare_budget_limit",
+            "The configured Cloudflare limit per 5 minutes, per API budget (rest, graphql); the"
+            " plan fits when planned stays under it (REST: less the rollbacks' reserve).",
+            ["api"],
+            registry=registry,
+        )
+        self.budget_reserve = Gauge(
+            "coalmine_cloudflare_budget_reserve",
+            "Cloudflare requests per API budget kept for rollbacks: never planned.",
+            ["api"],
+            registry=registry,
+        )
+        self.budget_more_canaries = Gauge(
+            "coalmine_cloudflare_budget_more_canaries",
+            "How many more canaries could start at once with the budget plan still fitting"
+            " (0 when it does not fit).",
+            registry=registry,
+        )
+
+    def record_plan(self, plan: Plan) -> None:
+        """Export the budget plan."""
+        for budget in (plan.rest, plan.graphql):
+            self.budget_planned.labels(budget.api).set(round(budget.planned, 1))
+            self.budget_limit.labels(budget.api).set(budget.limit)
+            self.budget_reserve.labels(budget.api).set(round(budget.reserve, 1))
+        self.budget_more_canaries.set(plan.more_canaries)
 
     def watch_budgets(self, budgets: Mapping[str, Budget]) -> None:
         """Export each budget's tokens left, read at every scrape."""

@@ -184,6 +184,40 @@ def _schemas() -> dict[str, Any]:
                     ),
                 },
                 "outbox_backlog": {"type": "integer", "minimum": 0},
+            },
+            {"budget_plan": _ref("BudgetPlan")},
+        ),
+        "BudgetPlan": _object(
+            {
+                "fits": {"type": "boolean"},
+                "rest": _ref("BudgetPart"),
+                "graphql": _ref("BudgetPart"),
+                "live_canaries": {"type": "integer", "minimum": 0},
+                "more_canaries": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "how many more canaries could start at once and still fit",
+                },
+                "changes": {
+                    "type": "array",
+                    "items": string,
+                    "description": "when it does not fit: each would make it fit",
+                },
+            }
+        ),
+        "BudgetPart": _object(
+            {
+                "planned": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "Cloudflare requests per 5 minutes the plan needs",
+                },
+                "limit": {"type": "integer", "minimum": 1},
+                "reserve": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "kept for rollbacks, never planned",
+                },
             }
         ),
         "StartBody": {
