@@ -5,6 +5,7 @@ guarantee holds over the whole canary."""
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -135,3 +136,26 @@ def test_evidence_persists_with_the_detector() -> None:
     evidence = Evidence().add(1.5, 0, 0, 0, 0, T0).add(1.5, 2, 50, 3, 450, T0)
     assert Evidence.from_json(evidence.to_json()) == evidence
     assert math.isfinite(evidence.alarm(1.5))
+
+
+@pytest.mark.parametrize("scheme", [0, 1])
+def test_the_reported_lower_bound_exceeds_max_ratio_exactly_when_the_rule_breaches(
+    scheme: int,
+) -> None:
+    """Over random canaries (splits, ratios, lengths), an evaluation's lower bound is at least
+    max_ratio exactly when the detector breaches, though the interval and the detector mix the
+    alternatives differently."""
+    rng = random.Random(f"interval/{scheme}")
+    for _ in range(150):
+        evidence, max_ratio = Evidence(scheme=scheme), rng.choice([1.2, 1.5, 2.0])
+        factor = rng.choice([1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0])
+        for _ in range(rng.randint(1, 40)):
+            canary, stable = rng.choice([(50, 450), (250, 250), (10, 90)])
+            canary_events = sum(rng.random() < 0.005 * factor for _ in range(canary))
+            stable_events = sum(rng.random() < 0.005 for _ in range(stable))
+            evidence = evidence.add(
+                max_ratio, canary_events, canary, stable_events, stable, T0, horizon=180
+            )
+            low, high = evidence.interval(0.99, max_ratio)
+            assert (low >= max_ratio) == (evidence.alarm(max_ratio) >= BAR)
+            assert low <= high

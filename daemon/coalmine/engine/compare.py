@@ -226,9 +226,9 @@ class Evidence:
         Each bound is the same one-sided test as the rule's, run against every grid ratio:
         ``low`` is the largest ratio the canary is shown to exceed, ``high`` the smallest it is
         shown to stay under, each at ``confidence`` and at every check at once (a confidence
-        sequence). Bounds fall on the grid, rounded outwards; with ``max_ratio``, a breach of
-        it raises ``low`` to it, so that a breaching rule never reports a lower bound under
-        its threshold.
+        sequence). Bounds fall on the grid, rounded outwards; with ``max_ratio``, ``low`` is at
+        least ``max_ratio`` exactly when the rule breaches (a breach raises it to
+        ``max_ratio``; without one it stays under), so a report never contradicts its verdict.
         """
         if not self.loglik:
             return 0.0, math.inf
@@ -247,6 +247,10 @@ class Evidence:
         high_ratio = GRID[high] if high is not None else math.inf
         if max_ratio is not None and self.alarm(max_ratio) >= 1.0 / (1.0 - confidence):
             low_ratio = max(low_ratio, max_ratio)
+        elif max_ratio is not None and low_ratio >= max_ratio:
+            # the interval's even mixture rejected where the rule's weighted one does not yet:
+            # lowering a lower bound keeps it valid, and the report agrees with the decision
+            low_ratio = max((r for r in GRID if r < max_ratio), default=0.0)
         return low_ratio, high_ratio
 
     # ---- persistence ----------------------------------------------------------------------
