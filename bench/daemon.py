@@ -34,6 +34,7 @@ footprint
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -49,6 +50,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import anyio
 import httpx
@@ -452,6 +455,7 @@ BOOTSTRAP = (
     "from coalmine.cli import main; sys.exit(main(['run']))"
 )
 FOOTPRINT_TARGETS = {"cpu": 0.25, "rss_mb": 150.0, "p99": 0.25}
+FLOOR_TARGET = 1.2  # issue 13: CPU per poll at most 1.2x the bare asyncio + httpx floor
 SLICE = 10.0  # seconds: CPU share is also reported per slice of the run
 
 
@@ -566,10 +570,34 @@ class Footprint:
     core: int | None = None
     cpu_slices: list[float] = field(default_factory=list)
     server_cpu_seconds: float = 0.0  # a database server's CPU over the same window (PostgreSQL)
+    window: list[LoggedRequest] = field(default_factory=list)  # Cloudflare calls while measured
+    floor: Floor | None = None  # bench/floor.py making the same requests, right after
 
     @property
     def cpu_share(self) -> float:
         return self.cpu_seconds / self.seconds
+
+    @property
+    def cpu_per_poll_ms(self) -> float:
+        """CPU per second over polls per second (each over its own measured span)."""
+        if not self.ticks:
+            return math.nan
+        return self.cpu_share / (self.ticks / self.ticks_span) * 1000
+
+
+@dataclass
+class Floor:
+    """bare asyncio + httpx (bench/floor.py) making the daemon's requests of one poll per script
+    every second, on the same core, measured over the same length of time."""
+
+    cpu_seconds: float
+    polls: float
+    requests_per_poll: float  # the floor's
+    daemon_requests_per_poll: float  # the daemon's, on average (the floor's, rounded)
+
+    @property
+    def cpu_per_poll_ms(self) -> float:
+        return self.cpu_seconds / self.polls * 1000 if self.polls else math.nan
 
 
 def call_kind(request: LoggedRequest) -> str:
@@ -595,6 +623,7 @@ async def footprint(
     seed: int,
     state_url: str | None = None,
     server_cpu: Callable[[], float] | None = None,
+    floor: bool = False,
 ) -> Footprint:
     """One measured run of ``coalmine run`` watching ``scripts`` canaries every second, on a
     SQLite file of its own or on ``state_url``; ``server_cpu`` (CPU seconds so far of a
@@ -643,7 +672,70 @@ async def footprint(
             result.log_lines = text.count("\n")
             if code != 0:
                 print(f"  coalmine run exited with {code}; its log:\n{text[-3000:]}")
+            if floor:
+                result.floor = await run_floor(sim, names, result, folder, seconds)
     return result
+
+
+def one_poll(
+    sim: Simulator, names: list[str], result: Footprint
+) -> tuple[dict[str, list[list[Any]]], float]:
+    """Each script's requests of one poll as the daemon made them (its last ones in the
+    measured window, as many as it made per poll on average), and that average."""
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(sim.cloudflare_api_url))
+    per_script: dict[str, list[LoggedRequest]] = {name: [] for name in names}
+    for request in result.window:
+        where = request.path + " " + json.dumps(request.body)
+        for name in names:
+            if f"/scripts/{name}/" in where or f'"{name}"' in where:
+                per_script[name].append(request)
+                break
+    per_poll = sum(len(r) for r in per_script.values()) / result.ticks if result.ticks else 1.0
+    count = max(1, round(per_poll))
+    polls = {
+        name: [
+            [
+                r.method,
+                origin + r.path + (f"?{urlencode(r.query, doseq=True)}" if r.query else ""),
+                r.body,
+            ]
+            for r in requests[-count:]
+        ]
+        for name, requests in per_script.items()
+    }
+    return polls, per_poll
+
+
+async def run_floor(
+    sim: Simulator, names: list[str], result: Footprint, folder: Path, seconds: float
+) -> Floor:
+    """bench/floor.py on the daemon's core for ``seconds`` (after 5 s to start), measured as
+    the daemon was: CPU from /proc, polls from the requests the simulator received."""
+    polls, per_poll = one_poll(sim, names, result)
+    config = folder / "floor.json"
+    config.write_text(
+        json.dumps({"seconds": seconds + 10.0, "token": sim.api_token, "polls": polls})
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "floor.py"), str(config)],
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        if result.core is not None:
+            os.sched_setaffinity(process.pid, {result.core})
+        await anyio.sleep(5.0)
+        before, logged = proc_sample(process.pid), len(sim.cloudflare.requests)
+        t0 = time.monotonic()
+        await anyio.sleep(seconds)
+        after, received = proc_sample(process.pid), len(sim.cloudflare.requests) - logged
+        wall = time.monotonic() - t0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await anyio.to_thread.run_sync(lambda: process.wait(timeout=60))
+    sent = sum(len(r) for r in polls.values()) / len(polls)
+    cpu = (after.cpu_seconds - before.cpu_seconds) * seconds / wall
+    return Floor(cpu, received / sent * seconds / wall, sent, per_poll)
 
 
 async def measure(
@@ -729,6 +821,7 @@ async def measure(
         adopt_seconds=adopt_seconds,
         cpu_slices=slices,
         server_cpu_seconds=server_after - server_before,
+        window=window,
     )
 
 
@@ -809,9 +902,22 @@ def print_footprint(results: list[Footprint]) -> None:
             ),
             ("poll lateness p50", f"{p50 * 1000:.0f} ms", "-", None),
         ]
+        if r.floor is not None:
+            ratio = r.cpu_per_poll_ms / r.floor.cpu_per_poll_ms
+            rows += [
+                ("CPU per poll", f"{r.cpu_per_poll_ms:.2f} ms", "-", None),
+                (
+                    "floor: bare httpx, per poll",
+                    f"{r.floor.cpu_per_poll_ms:.2f} ms ({r.floor.requests_per_poll:g} req;"
+                    f" coalmine {r.floor.daemon_requests_per_poll:.2f})",
+                    "-",
+                    None,
+                ),
+                ("coalmine ÷ floor", f"{ratio:.2f}×", f"≤ {FLOOR_TARGET}×", ratio <= FLOOR_TARGET),
+            ]
         for name, value, target, ok in rows:
             verdict = "" if ok is None else ("ok" if ok else "MISSED")
-            print(f"   {name:24} {value:>36}  {target:>9}  {verdict}")
+            print(f"   {name:27} {value:>33}  {target:>9}  {verdict}")
         print("   (lateness: linear within the histogram's buckets; the first one is 0-10 ms)")
         if r.ticks < 0.95 * scheduled:
             print(
@@ -902,6 +1008,11 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=1, help="footprint: runs of each limiter setting (1)"
     )
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="footprint: skip the bare asyncio + httpx floor measured after each lifted run",
+    )
     args = parser.parse_args(argv)
     if args.only in (None, "detection"):
         if localprom.binary() is None:
@@ -919,7 +1030,16 @@ def main(argv: list[str] | None = None) -> int:
         for limiter in limiters:
             results = []
             for _ in range(args.repeats):
-                result = anyio.run(footprint, args.scripts, args.seconds, limiter, args.seed)
+                result = anyio.run(
+                    footprint,
+                    args.scripts,
+                    args.seconds,
+                    limiter,
+                    args.seed,
+                    None,
+                    None,
+                    limiter == "lifted" and not args.no_floor,
+                )
                 print_footprint([result])
                 results.append(result)
             if len(results) > 1:

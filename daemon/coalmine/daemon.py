@@ -482,26 +482,17 @@ class ScriptLoop:
         now: datetime,
         live: LiveDeployment | None,
     ) -> None:
-        durable = state.durable()
-        if (
-            not decisions
-            and durable == self._durable
-            and durable == before.durable()
-            and self._shared.guard.store.ok  # a commit is how a failed store is found back
-        ):
-            # Nothing a restart needs changed (only each rule's latest reading and the tick's
-            # time): no commit. docs/reliability.md ("Ticks that decide nothing") says why a
-            # restart loses nothing.
-            self.state = state
+        durable, store = state.durable(), self._shared.guard.store  # failing: commit to retry
+        if not decisions and store.ok and self._durable == durable == before.durable():
+            self.state = state  # nothing a restart needs changed: no commit (docs/reliability.md)
             return
         entries = [
             NewEntry(d.t, self.script, d.requested_by or d.actor, d.action, d.to_dict())
             for d in decisions
         ]
         intents = intents_for(decisions, live, before.to_json()) if decisions else []
-        notes = notifications(
-            decisions, before, rollout_links(self._shared.public_url, self.script)
-        )
+        links = rollout_links(self._shared.public_url, self.script)
+        notes = notifications(decisions, before, links)
         try:
             await self._shared.store.commit(
                 self.script, state.to_json(), entries, notes, now, intents

@@ -105,7 +105,8 @@ class Run:
 
 
 class Engine:
-    """Decides one script's rollout under one policy. Holds configuration only, never state."""
+    """Decides one script's rollout under one policy. Holds configuration only (and the next
+    deployment-window opening it last looked up, see :class:`WindowClock`), never state."""
 
     def __init__(self, policy: Policy, options: Options | None = None) -> None:
         self.policy = policy

@@ -130,9 +130,12 @@ def judge(
     - not breaching: clears the breach and the trip.
     """
     stable_value = stable.value if stable is not None and stable.error is None else None
-    # the stable version breaches too, judged as the canary would be (min_samples included)
+    # the stable version breaches too, judged as the canary would be (min_samples included);
+    # the comparison first: the stable version rarely breaches (and NaN never does)
     stable_breaching = (
-        stable_value is not None and conclusive(rule, stable) and breaches(rule, stable_value)
+        stable_value is not None
+        and (stable_value > rule.threshold if rule.above else stable_value < rule.threshold)
+        and conclusive(rule, stable)
     )
     if canary is not None and conclusive(rule, canary):
         value = canary.value

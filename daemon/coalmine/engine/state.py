@@ -2,7 +2,8 @@
 
 The state is a plain value. The engine never mutates the state it is given; it copies what
 it changes. ``to_json``/``from_json`` round-trip it without loss so the daemon can persist it
-after every tick and resume exactly where it stopped.
+and resume exactly where it stopped; ``durable`` is the part a restart needs, so the daemon
+commits a tick only when that part changed (or the tick decided something).
 """
 
 from __future__ import annotations
