@@ -26,6 +26,8 @@ from coalmine import __version__
 from coalmine.cloudflare.actuator import Actuator
 from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError, GraphQLAnswerError
+from coalmine.cloudflare.discovery import CHECK as DISCOVERY
+from coalmine.cloudflare.discovery import Discovery, Watch
 from coalmine.daemon import ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
 from coalmine.errors import CoalmineError, ConfigError, LocalError, StoreError
@@ -155,6 +157,7 @@ class Daemon:
     metrics: Metrics
     health: Health
     leases: LeaseKeeper | None = None
+    discovery: Discovery | None = None  # the account-wide signal of new splits
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve HTTP, deliver notifications and run every script's loop until cancelled.
@@ -177,6 +180,8 @@ class Daemon:
                 tg.start_soon(self.keep_leases)
                 tg.start_soon(self.leases.while_held, OUTBOX, self.outbox.run)
             tg.start_soon(self.check_analytics_schema)
+            if self.discovery is not None:
+                tg.start_soon(self.discovery.run)
             tg.start_soon(self.shared.guard.run)
             tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
             for i, loop in enumerate(self.loops.values(), start=1):
@@ -393,6 +398,19 @@ async def open_daemon(
             sleep=sleep,
         )
         metrics.watch_budgets(cloudflare.budgets)
+        watch = Watch(
+            discovery_interval=settings.discovery_interval,
+            drift_interval=settings.drift_interval,
+            canary_drift_interval=settings.canary_drift_interval,
+        )
+        cloudflare.on_current = lambda script, live: watch.saw(script, live, clock())
+        discovery = Discovery(
+            cloudflare,
+            settings.cloudflare_account_id or "",
+            watch,
+            clock,
+            on_result=lambda problem: health.record(DISCOVERY, 0.0, problem),
+        )
         sources = build_sources(settings, http, cloudflare, observe, policies, sleep)
         health.expect("cloudflare", *sources)
         receivers = Receivers(
@@ -435,6 +453,7 @@ async def open_daemon(
             freeze=freeze,
             leases=keeper,
             public_url=settings.public_url or _listen_url(settings),
+            watch=watch,
         )
         saved = await store.states()
         loops = {}
@@ -448,7 +467,7 @@ async def open_daemon(
                 )
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
         api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
-        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health, keeper)
+        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health, keeper, discovery)
 
 
 async def _step_down(keeper: LeaseKeeper) -> None:
