@@ -406,7 +406,7 @@ class ScriptLoop:
         state, decisions = self.state, []
         frozen = self._frozen_reason = await self._frozen()
         if live is not None:
-            if any(v not in self._versions for v, _ in live.versions):
+            if len(live.versions) > 1 and any(v not in self._versions for v, _ in live.versions):
                 self._versions = await self._shared.cloudflare.versions(self.script)
             outcome = self.engine.observe_deployment(state, to_engine(live, self._versions), now)
             state, decisions = outcome.state, outcome.decisions

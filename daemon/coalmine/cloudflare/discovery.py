@@ -14,8 +14,8 @@ its loop is woken. The same signal never wakes a script twice.
 :meth:`Watch.saw`, the actuator's reads and read-backs included) and decides whether a tick
 reads (:meth:`Watch.due`), purely, from the time:
 
-- a script with a live canary: at its first tick, when the signal, an operator command, a new
-  lease or a refused change asks, and at least every ``COALMINE_CANARY_DRIFT_INTERVAL`` (every
+- a script with a live canary: at its first tick, when the signal, an operator command or a
+  new lease asks, and at least every ``COALMINE_CANARY_DRIFT_INTERVAL`` (every
   tick when its interval is longer). Every write also reads first: the actuator reads the live
   deployment before it writes and does not undo a split that differs from the one the tick
   started from (the one last read), so a hand-made change is never overwritten;
@@ -290,7 +290,7 @@ class Discovery:
                     await self._spread_wakes()
                 await anyio.sleep(self.watch.discovery_interval.total_seconds())
         if problem is not None:  # for good: until a restart
-            self._fall_back(problem)
+            self.fall_back(problem)
             await self._spread_wakes()
             return
         while True:
@@ -345,10 +345,11 @@ class Discovery:
         limit = 2 * self.watch.discovery_interval
         if self.last_ok is not None and now - self.last_ok < limit:
             return False
-        self._fall_back(why)
+        self.fall_back(why)
         return True
 
-    def _fall_back(self, why: str) -> None:
+    def fall_back(self, why: str) -> None:
+        """Stop relying on the signal: idle scripts read every discovery interval."""
         self.watch.mode, self.watch.problem = Mode.FALLBACK, why
         self.on_result(why)
         log.warning(
