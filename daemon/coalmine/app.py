@@ -398,19 +398,7 @@ async def open_daemon(
             sleep=sleep,
         )
         metrics.watch_budgets(cloudflare.budgets)
-        watch = Watch(
-            discovery_interval=settings.discovery_interval,
-            drift_interval=settings.drift_interval,
-            canary_drift_interval=settings.canary_drift_interval,
-        )
-        cloudflare.on_current = lambda script, live: watch.saw(script, live, clock())
-        discovery = Discovery(
-            cloudflare,
-            settings.cloudflare_account_id or "",
-            watch,
-            clock,
-            on_result=lambda problem: health.record(DISCOVERY, 0.0, problem),
-        )
+        discovery = _discovery(settings, cloudflare, clock, health)
         sources = build_sources(settings, http, cloudflare, observe, policies, sleep)
         health.expect("cloudflare", *sources)
         receivers = Receivers(
@@ -431,6 +419,8 @@ async def open_daemon(
             stack.push_async_callback(_step_down, keeper)
             http.event_hooks = {**http.event_hooks, "request": [keeper.request_hook]}
         actuator = Actuator(cloudflare, store, clock, fence=keeper.check if keeper else None)
+        # a replica looks for changes to the scripts it holds
+        discovery.held = (lambda script: keeper.fence(script) is not None) if keeper else None
         freeze = None
         if any(p.freeze for p in policies):
             health.expect(PAGERDUTY_API)
@@ -453,7 +443,7 @@ async def open_daemon(
             freeze=freeze,
             leases=keeper,
             public_url=settings.public_url or _listen_url(settings),
-            watch=watch,
+            watch=discovery.watch,
         )
         saved = await store.states()
         loops = {}
@@ -468,6 +458,29 @@ async def open_daemon(
                 loops[script] = ScriptLoop(script, policy, engine, state, shared)
         api = Api(loops, metrics, health, _secret(settings.admin_token), lambda: outbox.pending)
         yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health, keeper, discovery)
+
+
+def _discovery(
+    settings: Settings,
+    cloudflare: CloudflareClient,
+    clock: Callable[[], datetime],
+    health: Health,
+) -> Discovery:
+    """The account-wide signal, and the record of each script's deployment as last read (every
+    read of a live deployment, the actuator's too, is recorded)."""
+    watch = Watch(
+        discovery_interval=settings.discovery_interval,
+        drift_interval=settings.drift_interval,
+        canary_drift_interval=settings.canary_drift_interval,
+    )
+    cloudflare.on_current = lambda script, live: watch.saw(script, live, clock())
+    return Discovery(
+        cloudflare,
+        settings.cloudflare_account_id or "",
+        watch,
+        clock,
+        on_result=lambda problem: health.record(DISCOVERY, 0.0, problem),
+    )
 
 
 async def _step_down(keeper: LeaseKeeper) -> None:

@@ -250,6 +250,8 @@ class Discovery:
     clock: Callable[[], datetime]
     on_result: Callable[[str | None], None] = lambda problem: None  # /health
     filtered: bool = True  # the schema has scriptName_in
+    # replicas: only the scripts this replica holds (none held: no query)
+    held: Callable[[str], bool] | None = None
     last_ok: datetime | None = None
     queries: int = 0
 
@@ -305,7 +307,9 @@ class Discovery:
         become unusable (the idle scripts must then be read the old way)."""
         now = self.clock()
         start = now.replace(second=0, microsecond=0) - self.lookback
-        scripts = sorted(self.watch.scripts)
+        scripts = sorted(s for s in self.watch.scripts if self.held is None or self.held(s))
+        if not scripts and self.held is not None:
+            return False
         found: dict[str, set[str]] = {}
         try:
             for i in range(0, max(1, len(scripts)), CHUNK):
