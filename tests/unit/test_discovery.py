@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -293,3 +294,47 @@ async def test_a_malformed_answer_never_wakes_anything() -> None:
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
         assert await discovery(handler, watch, http).once() is True
     assert loops["a"].woken == 0 and watch.mode is Mode.FALLBACK
+
+
+@pytest.mark.anyio
+async def test_a_replica_asks_only_for_the_scripts_it_holds() -> None:
+    """Replicas: the query names only the scripts this replica holds; holding none, it sends
+    nothing (a replica paused past its leases makes no call when it resumes)."""
+    watch, _ = watch_of(a=("v1",), b=("w1",))
+    sent: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"data": answer([])})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        found = discovery(handler, watch, http)
+        found.held = lambda script: script == "b"
+        assert await found.once() is False
+        found.held = lambda script: False
+        assert await found.once() is False
+    assert [s["variables"]["filter"]["scriptName_in"] for s in sent] == [["b"]]
+
+
+@pytest.mark.anyio
+async def test_falling_back_wakes_the_idle_loops_not_the_canaries() -> None:
+    """Cloudflare down from the start: discovery falls back at once and wakes every idle loop
+    (asleep for a drift interval) so that it reads the old way; a canary's loop is left alone."""
+    watch = Watch(discovery_interval=timedelta(milliseconds=30))
+    idle, canary = FakeLoop(idle=True), FakeLoop(idle=False)
+    watch.add("a", idle)
+    watch.add("b", canary)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"errors": [{"message": "down"}]})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        found = discovery(handler, watch, http)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(found.run)
+                while not idle.woken:
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+    assert watch.mode is Mode.FALLBACK
+    assert idle.woken >= 1 and canary.woken == 0

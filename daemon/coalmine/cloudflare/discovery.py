@@ -296,7 +296,12 @@ class Discovery:
             await self._spread_wakes()
             return
         while True:
-            if await self.once():
+            try:
+                went = await self.once()
+            except Exception as exc:  # a bug must not stop the daemon: the loops go on
+                log.exception("discovery failed", error=repr(exc))
+                went = self._failed(f"discovery failed: {type(exc).__name__}")
+            if went:
                 await self._spread_wakes()
             step = self.watch.discovery_interval.total_seconds()
             wait = step - (self.clock().timestamp() - ALIGN) % step
