@@ -287,6 +287,13 @@ def report(run: Run, args: argparse.Namespace) -> None:
         f"RSS min / median / max {min(rss) / 1024:.1f} / {statistics.median(rss) / 1024:.1f} / "
         f"{max(rss) / 1024:.1f} MB; growth {growth:+.2f}% ({how})"
     )
+    minutes: dict[int, list[int]] = {}
+    for t, kb in run.rss:
+        minutes.setdefault(int(t // 60), []).append(kb)
+    cells = [f"{m}:{statistics.median(v) / 1024:.1f}" for m, v in sorted(minutes.items())]
+    print("RSS, median per minute since start (MB):")
+    for i in range(0, len(cells), 10):
+        print("   " + "  ".join(cells[i : i + 10]))
     limit = 60 + 30  # the discovery interval + one poll
     checks = [
         ("rest_per_5min", rest, f"≤ {TARGETS['rest']}", rest <= TARGETS["rest"]),
