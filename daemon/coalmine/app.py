@@ -26,6 +26,8 @@ from coalmine import __version__
 from coalmine.cloudflare.actuator import Actuator
 from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError, GraphQLAnswerError
+from coalmine.cloudflare.discovery import CHECK as DISCOVERY
+from coalmine.cloudflare.discovery import Discovery, Watch
 from coalmine.cloudflare.planner import BudgetPlanner, Watched
 from coalmine.daemon import ACTIVE, ScriptLoop, Shared
 from coalmine.engine import Engine, Options, RolloutState
@@ -157,6 +159,7 @@ class Daemon:
     health: Health
     leases: LeaseKeeper | None = None
     planner: BudgetPlanner | None = None
+    discovery: Discovery | None = None  # the account-wide signal of new splits
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve HTTP, deliver notifications and run every script's loop until cancelled.
@@ -181,6 +184,8 @@ class Daemon:
                 tg.start_soon(self.keep_leases)
                 tg.start_soon(self.leases.while_held, OUTBOX, self.outbox.run)
             tg.start_soon(self.check_analytics_schema)
+            if self.discovery is not None:
+                tg.start_soon(self.discovery.run)
             tg.start_soon(self.shared.guard.run)
             tg.start_soon(self.verify_journal_every, JOURNAL_CHECK_EVERY)
             for i, loop in enumerate(self.loops.values(), start=1):
@@ -401,6 +406,7 @@ async def open_daemon(
             sleep=sleep,
         )
         metrics.watch_budgets(cloudflare.budgets)
+        discovery = _discovery(settings, cloudflare, clock, health, planner)
         sources = build_sources(settings, http, cloudflare, observe, policies, sleep)
         health.expect("cloudflare", *sources)
         receivers = Receivers(
@@ -422,13 +428,9 @@ async def open_daemon(
             stack.push_async_callback(_step_down, keeper)
             http.event_hooks = {**http.event_hooks, "request": [keeper.request_hook]}
         actuator = Actuator(cloudflare, store, clock, fence=keeper.check if keeper else None)
-        freeze = None
-        if any(p.freeze for p in policies):
-            health.expect(PAGERDUTY_API)
-            token = _secret(settings.pagerduty_api_token)
-            freeze = IncidentFreeze(
-                http, settings.pagerduty_api_url, token, observe=observe, clock=monotonic
-            )
+        # a replica looks for changes to the scripts it holds
+        discovery.held = (lambda script: keeper.fence(script) is not None) if keeper else None
+        freeze = _freeze(settings, policies, http, health, observe, monotonic)
         guard = Guard(store, outbox, health, metrics, clock, expected)
         shared = Shared(
             store,
@@ -445,6 +447,7 @@ async def open_daemon(
             leases=keeper,
             public_url=settings.public_url or _listen_url(*settings.listen_address),
             on_canary=planner.canary,
+            watch=discovery.watch,
         )
         saved = await store.states()
         loops = {}
@@ -466,12 +469,61 @@ async def open_daemon(
             lambda: outbox.pending,
             budget=planner.describe,
         )
-        yield Daemon(settings, raw, shared, loops, api, outbox, metrics, health, keeper, planner)
+        yield Daemon(
+            settings, raw, shared, loops, api, outbox, metrics, health, keeper, planner, discovery
+        )
 
 
 def watched(loops: dict[str, ScriptLoop]) -> list[Watched]:
     """Each loop's script, policy and whether it has a live canary, for the budget plan."""
     return [Watched(s, loop.policy, loop.state.phase in ACTIVE) for s, loop in loops.items()]
+
+
+def _discovery(
+    settings: Settings,
+    cloudflare: CloudflareClient,
+    clock: Callable[[], datetime],
+    health: Health,
+    planner: BudgetPlanner,
+) -> Discovery:
+    """The account-wide signal, and the record of each script's deployment as last read (every
+    read of a live deployment, the actuator's too, is recorded)."""
+    watch = Watch(
+        discovery_interval=settings.discovery_interval,
+        drift_interval=settings.drift_interval,
+        canary_drift_interval=settings.canary_drift_interval,
+    )
+    cloudflare.on_current = lambda script, live: watch.saw(script, live, clock())
+    return Discovery(
+        cloudflare,
+        settings.cloudflare_account_id or "",
+        watch,
+        clock,
+        on_result=lambda problem: _discovery_result(health, planner, problem),
+    )
+
+
+def _freeze(
+    settings: Settings,
+    policies: list[Policy],
+    http: httpx.AsyncClient,
+    health: Health,
+    observe: Callable[[str, float, str | None], None],
+    monotonic: Callable[[], float],
+) -> IncidentFreeze | None:
+    """PagerDuty's incidents, when a policy has an incident freeze."""
+    if not any(p.freeze for p in policies):
+        return None
+    health.expect(PAGERDUTY_API)
+    token = _secret(settings.pagerduty_api_token)
+    return IncidentFreeze(http, settings.pagerduty_api_url, token, observe=observe, clock=monotonic)
+
+
+def _discovery_result(health: Health, planner: BudgetPlanner, problem: str | None) -> None:
+    """Discovery works (None) or has fallen back (why): /health, and the budget plan (idle
+    scripts then cost one read per discovery interval)."""
+    health.record(DISCOVERY, 0.0, problem)
+    planner.fallback(problem)
 
 
 async def _step_down(keeper: LeaseKeeper) -> None:

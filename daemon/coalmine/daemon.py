@@ -8,9 +8,10 @@ then call Cloudflare. When the store cannot commit, progress waits for its durab
 the rest goes on: the state in memory, and a tick's decisions (a rollback, its critical page)
 carried out at once and kept by :mod:`coalmine.guard` until the store takes them.
 
-Loops run at ``analysis.interval`` while a canary is active and at
-``COALMINE_DISCOVERY_INTERVAL`` otherwise, on a fixed schedule: no overlapping polls, no drift,
-missed ticks coalesced.
+Loops run at ``analysis.interval`` while a canary is active and, otherwise, at
+``COALMINE_DRIFT_INTERVAL`` (``COALMINE_DISCOVERY_INTERVAL`` without the account-wide signal),
+on a fixed schedule: no overlapping polls, no drift, missed ticks coalesced. Not every tick
+reads the live deployment: :mod:`coalmine.cloudflare.discovery` says when.
 """
 
 from __future__ import annotations
@@ -41,14 +42,8 @@ from coalmine.cloudflare.client import (
     Version,
     to_engine,
 )
-from coalmine.engine import (
-    Command,
-    Decision,
-    Engine,
-    Observation,
-    RolloutPhase,
-    RolloutState,
-)
+from coalmine.cloudflare.discovery import Watch
+from coalmine.engine import Command, Decision, Engine, Observation, RolloutPhase, RolloutState
 from coalmine.errors import StoreError
 from coalmine.guard import Guard
 from coalmine.notify.outbox import Outbox, notifications
@@ -61,12 +56,12 @@ from coalmine.pending import (
     take_forwarded,
 )
 from coalmine.policy import Policy, Rule
-from coalmine.progress import progress, rollout_links, rules_view
+from coalmine.progress import lease_fields, progress, rollout_links, rules_view
 from coalmine.replicas import LeaseKeeper
 from coalmine.schedule import scheduled
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
-from coalmine.sources import Source, Target
+from coalmine.sources import Source, Target, fetch_safely
 from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.store.base import StateStore
 from coalmine.store.leases import ACTING_FOR, LeaseLost
@@ -105,6 +100,7 @@ class Shared:
     freeze: IncidentFreeze | None = None  # PagerDuty's incidents, for policies with a freeze
     leases: LeaseKeeper | None = None  # replicas on PostgreSQL: act only on leased scripts
     on_canary: Callable[[str, bool], None] = lambda script, live: None  # tells the budget plan
+    watch: Watch = field(default_factory=Watch)  # when each script reads its deployment
 
 
 class ScriptLoop:
@@ -134,6 +130,7 @@ class ScriptLoop:
         self._stopping = False
         self._epoch: int | None = None  # the lease epoch this loop last acted under
         self._durable: tuple[object, ...] | None = None  # state.durable() last committed
+        shared.watch.add(script, self, (state.stable, state.canary))
 
     def wake(self) -> None:
         """Tick now instead of at the next scheduled time."""
@@ -142,8 +139,12 @@ class ScriptLoop:
     @property
     def interval(self) -> timedelta:
         """The poll period for the rollout's phase."""
-        active = self.state.phase in ACTIVE
-        return self.policy.analysis.interval if active else self._shared.discovery_interval
+        return self._shared.watch.idle_interval if self.idle else self.policy.analysis.interval
+
+    @property
+    def idle(self) -> bool:
+        """No rollout under way: the script is only watched for a new split."""
+        return self.state.phase not in ACTIVE
 
     async def run(self, phase: float = 1.0) -> None:
         """Tick forever on schedule; a failed tick is logged and the next one comes.
@@ -173,6 +174,7 @@ class ScriptLoop:
     def stop(self) -> None:
         """Stop after the current tick (the script is no longer governed by any policy)."""
         self._stopping = True
+        self._shared.watch.remove(self.script)
         self._wake.set()
 
     def use_policy(self, policy: Policy, engine: Engine) -> None:
@@ -267,6 +269,7 @@ class ScriptLoop:
             if saved is not None:
                 self.state = RolloutState.from_json(saved)
             self._versions, self._stuck_paged, self._epoch = {}, False, fence.epoch
+            self._shared.watch.force(self.script)
             log.info("lease taken; state reloaded", script=self.script, epoch=fence.epoch)
         self._pending += await take_forwarded(leases, self.script)
         return True
@@ -302,7 +305,11 @@ class ScriptLoop:
                 await answer_forwarded(self._shared.leases, pending)
 
     async def _read_live(self) -> LiveDeployment | None:
-        """The deployment serving traffic now, read once a slot among the loops is free."""
+        """The deployment serving traffic now, read once a slot among the loops is free, when
+        due (:meth:`Watch.due`); otherwise the one last read."""
+        watch, now = self._shared.watch, self._shared.clock()
+        if not watch.due(self.script, not self.idle, self.interval, now, bool(self._pending)):
+            return watch.last(self.script)
         async with self._shared.reads:
             return await self._shared.cloudflare.current(self.script)
 
@@ -396,7 +403,7 @@ class ScriptLoop:
         state, decisions = self.state, []
         frozen = self._frozen_reason = await self._frozen()
         if live is not None:
-            if any(v not in self._versions for v, _ in live.versions):
+            if len(live.versions) > 1 and any(v not in self._versions for v, _ in live.versions):
                 self._versions = await self._shared.cloudflare.versions(self.script)
             outcome = self.engine.observe_deployment(state, to_engine(live, self._versions), now)
             state, decisions = outcome.state, outcome.decisions
@@ -540,31 +547,14 @@ class ScriptLoop:
         results: list[Observation] = []
 
         async def one(rule: Rule, target: Target) -> None:
-            results.append(await self._fetch(rule, target, now))
+            sources, limit = self._shared.sources, self._shared.fetch_timeout
+            results.append(await fetch_safely(sources, rule, target, now, limit))
 
         async with anyio.create_task_group() as tg:
             for rule in rules:
                 for target in targets[:1] if rule.source == "webhook" else targets:
                     tg.start_soon(one, rule, target)  # a webhook is called once, not per version
         return results
-
-    async def _fetch(self, rule: Rule, target: Target, now: datetime) -> Observation:
-        source = self._shared.sources.get(rule.source)
-        if source is None:
-            return Observation(
-                rule.name, target.role, None, None, f"source {rule.source} is not configured"
-            )
-        limit = self._shared.fetch_timeout
-        if rule.source == "webhook":  # its own timeout, and a little for the source to report
-            limit = max(limit, rule.timeout.total_seconds() + 5)
-        with anyio.move_on_after(limit):
-            try:
-                return await source.fetch(rule, target, now)
-            except Exception as exc:  # a source must never take the tick down: inconclusive
-                log.exception("source raised", source=rule.source, rule=rule.name)
-                why = f"source {rule.source} failed: {type(exc).__name__}"
-                return Observation(rule.name, target.role, None, None, why)
-        return Observation(rule.name, target.role, None, None, f"timeout after {limit:g}s")
 
     def describe(self) -> dict[str, Any]:
         """The rollout as the admin API shows it (and ``coalmine status`` and ``GET /``)."""
@@ -589,14 +579,5 @@ class ScriptLoop:
                 self._frozen_reason,
                 self._change_error or (("traffic", self._refusal) if self._refusal else None),
             ),
-            **self._lease_fields(),
+            **lease_fields(self._shared.leases, self.script),
         }
-
-    def _lease_fields(self) -> dict[str, Any]:
-        """Which replica holds the script, when replicas share the store (nothing otherwise)."""
-        leases = self._shared.leases
-        row = leases.table.get(self.script) if leases is not None else None
-        if leases is None or row is None:
-            return {}
-        live = row.expires_in > 0
-        return {"lease": {"holder": row.holder if live else None, "epoch": row.epoch}}

@@ -5,7 +5,7 @@ a page carries to it."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from coalmine.engine import Engine, RolloutPhase, RolloutState
@@ -13,6 +13,9 @@ from coalmine.engine.judge import CompiledRule
 from coalmine.engine.model import encode_float, format_time
 from coalmine.engine.state import RuleTrack
 from coalmine.policy import Policy
+
+if TYPE_CHECKING:
+    from coalmine.replicas import LeaseKeeper
 
 
 def progress(
@@ -64,6 +67,15 @@ def progress(
         state = "refused" if error else "pending"
         out["traffic_change"] = {"state": state, "kind": kind, "error": error}
     return out
+
+
+def lease_fields(leases: LeaseKeeper | None, script: str) -> dict[str, Any]:
+    """Which replica holds the script, when replicas share the store (nothing otherwise)."""
+    row = leases.table.get(script) if leases is not None else None
+    if leases is None or row is None:
+        return {}
+    live = row.expires_in > 0
+    return {"lease": {"holder": row.holder if live else None, "epoch": row.epoch}}
 
 
 def rules_view(engine: Engine, s: RolloutState) -> dict[str, dict[str, Any]]:

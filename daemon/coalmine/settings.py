@@ -134,17 +134,20 @@ class Settings(BaseSettings):
     )
     discovery_interval: Duration = Field(
         default=timedelta(seconds=60),
-        description="How often scripts without a canary are checked for a new split.",
+        description="How often coalmine looks for new splits across the account: one GraphQL"
+        " query for every watched script's serving versions (without it, one deployment read"
+        " per idle script).",
     )
     drift_interval: Duration = Field(
         default=timedelta(minutes=30),
-        description="An idle script's deployment is read at least this often, even without a"
-        " signal (a split on a script with no traffic, a missed signal).",
+        description="An idle script's deployment is read at least this often, signal or not"
+        " (a split on a script with no traffic, a missed signal).",
     )
     canary_drift_interval: Duration = Field(
         default=timedelta(minutes=2),
-        description="A script with a live canary reads its deployment at least this often (every"
-        " tick when its interval is longer), before every write and when its versions changed.",
+        description="A script with a live canary reads its deployment at least this often"
+        " (every tick when its interval is longer), before every write, and when the signal"
+        " says its versions changed: how late a hand-made change can be noticed.",
     )
     listen: str = Field(
         default="127.0.0.1:9300",
@@ -198,6 +201,13 @@ class Settings(BaseSettings):
     def _check_lease_ttl(cls, value: timedelta) -> timedelta:
         if value < timedelta(seconds=1):
             raise ValueError("must be at least 1s, e.g. 15s")
+        return value
+
+    @field_validator("drift_interval", "canary_drift_interval")
+    @classmethod
+    def _check_drift_interval(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("must be at least 1s, e.g. 30m")
         return value
 
     @field_validator("listen")

@@ -150,6 +150,9 @@ async def harness(
                 "COALMINE_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
                 "COALMINE_LISTEN": "127.0.0.1:0",
                 "COALMINE_ADMIN_TOKEN": ADMIN_TOKEN,
+                # every 30 s tick reads the deployment, as these tests were written for; the
+                # read cadence has its own tests (tests/e2e/test_discovery.py)
+                "COALMINE_CANARY_DRIFT_INTERVAL": "30s",
                 **(env or {}),
             }
         )

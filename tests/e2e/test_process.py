@@ -49,6 +49,9 @@ async def simulated(tmp_path: Path) -> AsyncIterator[tuple[Simulator, dict[str, 
             "COALMINE_LISTEN": f"127.0.0.1:{free_port()}",
             "COALMINE_ADMIN_TOKEN": TOKEN,
             "COALMINE_DISCOVERY_INTERVAL": "1s",
+            # idle scripts read every second too (the split above is not in the account-wide
+            # signal until its first minute of analytics is complete)
+            "COALMINE_DRIFT_INTERVAL": "1s",
         }
         yield sim, env
 

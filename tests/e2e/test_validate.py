@@ -62,6 +62,8 @@ async def gate(
                 "COALMINE_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
                 "COALMINE_LISTEN": "127.0.0.1:0",
                 "COALMINE_DISCOVERY_INTERVAL": "1s",
+                "COALMINE_DRIFT_INTERVAL": "1s",  # idle scripts read every second
+                "COALMINE_CANARY_DRIFT_INTERVAL": "1s",  # and canaries at every tick
             }
             yield sim, env
 

@@ -187,6 +187,8 @@ async def fault_harness(
             "COALMINE_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
             "COALMINE_LISTEN": "127.0.0.1:0",
             "COALMINE_ADMIN_TOKEN": ADMIN_TOKEN,
+            # every 30 s tick reads the deployment, as these cases count on
+            "COALMINE_CANARY_DRIFT_INTERVAL": "30s",
         }
         ports = []
         if prometheus_url:

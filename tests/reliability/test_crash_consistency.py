@@ -407,6 +407,8 @@ async def simulated(
                 "COALMINE_STATE_URL": backend.url,
                 "COALMINE_LISTEN": f"127.0.0.1:{localprom.free_port()}",
                 "COALMINE_DISCOVERY_INTERVAL": "1s",
+                "COALMINE_DRIFT_INTERVAL": "1s",  # idle scripts read every second
+                "COALMINE_CANARY_DRIFT_INTERVAL": "1s",  # and canaries at every tick
                 # on PostgreSQL each restart is the same replica: it takes its lease back at once
                 "COALMINE_REPLICA_ID": "crash-test",
             }

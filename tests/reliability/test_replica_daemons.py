@@ -83,6 +83,8 @@ async def replicas(
                     "COALMINE_LISTEN": "127.0.0.1:0",
                     "COALMINE_ADMIN_TOKEN": TOKEN,
                     "COALMINE_DISCOVERY_INTERVAL": "1s",
+                    "COALMINE_DRIFT_INTERVAL": "1s",  # idle scripts read every second
+                    "COALMINE_CANARY_DRIFT_INTERVAL": "1s",  # and canaries at every tick
                     "COALMINE_LEASE_TTL": "2s",
                     "COALMINE_REPLICA_ID": name,
                 }

@@ -148,6 +148,8 @@ async def cluster(tmp_path: Path, url: str) -> AsyncIterator[Cluster]:
             "COALMINE_STATE_URL": url,
             "COALMINE_ADMIN_TOKEN": TOKEN,
             "COALMINE_DISCOVERY_INTERVAL": "1s",
+            "COALMINE_DRIFT_INTERVAL": "1s",  # idle scripts read every second
+            "COALMINE_CANARY_DRIFT_INTERVAL": "1s",  # and canaries at every tick
             "COALMINE_LEASE_TTL": "2s",
         }
         world = Cluster(sim, url, tmp_path, base, canary)

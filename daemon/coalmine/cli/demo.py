@@ -224,6 +224,10 @@ async def _live(out: TextIO) -> int:
                 "COALMINE_LISTEN": "127.0.0.1:0",
                 "COALMINE_ADMIN_TOKEN": secrets.token_urlsafe(16),
                 "COALMINE_DISCOVERY_INTERVAL": "2s",
+                # one script watched: read its deployment every 2 s (a new split is adopted at
+                # once, not when its first minute of analytics is complete)
+                "COALMINE_DRIFT_INTERVAL": "2s",
+                "COALMINE_CANARY_DRIFT_INTERVAL": "2s",
             }
         )
         daemon = await stack.enter_async_context(open_daemon(settings, prepare(settings)))

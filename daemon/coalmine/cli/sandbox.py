@@ -205,6 +205,10 @@ async def _sandbox(ports: Ports, out: TextIO) -> None:
             "COALMINE_LISTEN": f"127.0.0.1:{ports.daemon}",
             "COALMINE_ADMIN_TOKEN": TOKEN,
             "COALMINE_DISCOVERY_INTERVAL": "2s",
+            # one script watched: read its deployment every 2 s (a new split is adopted at
+            # once, not when its first minute of analytics is complete)
+            "COALMINE_DRIFT_INTERVAL": "2s",
+            "COALMINE_CANARY_DRIFT_INTERVAL": "2s",
         }
         settings = load_settings(env)
         daemon = await stack.enter_async_context(open_daemon(settings, prepare(settings)))

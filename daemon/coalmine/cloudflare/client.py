@@ -126,6 +126,8 @@ class CloudflareClient:
         self._observe = observe
         self._sleep = sleep
         self._rng = rng or random.Random()
+        # told of every live deployment read (discovery's record of what coalmine last saw)
+        self.on_current: Callable[[str, LiveDeployment | None], None] | None = None
 
     @property
     def budgets(self) -> dict[str, TokenBucket]:
@@ -149,7 +151,10 @@ class CloudflareClient:
     async def current(self, script: str) -> LiveDeployment | None:
         """The deployment serving traffic now, if any."""
         deployments = await self.deployments(script)
-        return deployments[0] if deployments else None
+        live = deployments[0] if deployments else None
+        if self.on_current is not None:
+            self.on_current(script, live)
+        return live
 
     async def versions(self, script: str) -> dict[str, Version]:
         """The deployable versions by id."""

@@ -7,9 +7,13 @@ envelope, a malformed body, NaN, an empty or ambiguous result) comes back as an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
+
+import anyio
+import structlog
 
 from coalmine.engine import Observation
 from coalmine.engine.model import Role
@@ -39,3 +43,27 @@ class Source(Protocol):
     async def fetch(self, rule: Rule, target: Target, at: datetime) -> Observation:
         """The rule's value (and sample count) for the target at ``at``; never raises."""
         ...
+
+
+async def fetch_safely(
+    sources: Mapping[str, Source], rule: Rule, target: Target, at: datetime, timeout: float
+) -> Observation:
+    """The rule's observation, inconclusive (with the reason) when its source is not configured,
+    raises (a bug: logged) or takes longer than ``timeout`` (a webhook: its own, and a little
+    for the source to report). A tick never goes down with a source."""
+    source = sources.get(rule.source)
+    if source is None:
+        why = f"source {rule.source} is not configured"
+        return Observation(rule.name, target.role, None, None, why)
+    if rule.source == "webhook":
+        timeout = max(timeout, rule.timeout.total_seconds() + 5)
+    with anyio.move_on_after(timeout):
+        try:
+            return await source.fetch(rule, target, at)
+        except Exception as exc:
+            structlog.get_logger("coalmine").exception(
+                "source raised", source=rule.source, rule=rule.name
+            )
+            why = f"source {rule.source} failed: {type(exc).__name__}"
+            return Observation(rule.name, target.role, None, None, why)
+    return Observation(rule.name, target.role, None, None, f"timeout after {timeout:g}s")

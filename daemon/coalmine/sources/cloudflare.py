@@ -1,7 +1,12 @@
 """The Cloudflare analytics source: built-in per-version signals from GraphQL.
 
-One query per script and closed window serves every Cloudflare rule of a tick: concurrent
-``fetch`` calls for the same script share it. The window closes ``delay`` before the evaluation
+One query per closed window serves every Cloudflare rule of every live canary: the first
+``fetch`` for a window asks for all the scripts whose rules asked lately (``scriptName_in``,
+rows grouped by script, version and minute), and every other rule of that window, of any
+script, reads its rows from the same answer; a script whose canary changed since asks again.
+A malformed answer, or one that fills the whole page (it may have been cut short), is
+inconclusive for every rule it was to serve. Without ``scriptName_in`` in Cloudflare's schema
+the query is made per script, as before. The window closes ``delay`` before the evaluation
 time, because the last minutes of the adaptive datasets are often incomplete, and both versions
 are measured over the same window. Signals, per version, over the rule's ``window``:
 
@@ -31,11 +36,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
+import structlog
 
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError
 from coalmine.engine import Observation
@@ -44,7 +51,10 @@ from coalmine.policy import Rule
 from coalmine.sources import Target
 from coalmine.store.records import NewNotification
 
+log = structlog.get_logger("coalmine")
 CHECK = "cloudflare_analytics_schema"  # its name in /health
+MAX_ROWS = 10000  # the dataset's page size
+WANTED_FOR = timedelta(minutes=10)  # a script stays in the batch this long after it last asked
 FILTER_TYPE = "AccountWorkersInvocationsAdaptiveFilter_InputObject"
 GROUP_TYPE = "AccountWorkersInvocationsAdaptive"
 _QUANTILES = {
@@ -86,17 +96,19 @@ def schema_page(problem: str) -> NewNotification:
     return NewNotification("pagerduty", event, key)
 
 
-def query_for(quantiles: Iterable[str] = _QUANTILES.values()) -> str:
-    """coalmine's analytics query, asking for these quantiles (Cloudflare's names) only."""
+def query_for(quantiles: Iterable[str] = _QUANTILES.values(), *, batched: bool = False) -> str:
+    """coalmine's analytics query, asking for these quantiles (Cloudflare's names) only, for
+    one script or (``batched``) rows of several, by script."""
     wanted = " ".join(sorted(set(quantiles)))
     asked = f"\n      quantiles {{ {wanted} }}" if wanted else ""
+    by = "datetimeMinute scriptName scriptVersion" if batched else "datetimeMinute scriptVersion"
     return f"""
 query CoalmineCanary($accountTag: string!, $filter: {FILTER_TYPE}) {{
   viewer {{ accounts(filter: {{accountTag: $accountTag}}) {{
     workersInvocationsAdaptive(limit: 10000, filter: $filter) {{
       sum {{ requests errors }}{asked}
       avg {{ sampleInterval }}
-      dimensions {{ datetimeMinute scriptVersion }}
+      dimensions {{ {by} }}
     }} }} }}
 }}
 """.strip()
@@ -115,6 +127,7 @@ class Row:
     errors: float
     quantiles: dict[str, float | None]
     sample_interval: float = 1.0  # one invocation in this many was kept
+    script: str = ""
 
     @property
     def kept(self) -> tuple[float, float]:
@@ -127,6 +140,7 @@ class _Query:
     done: anyio.Event = field(default_factory=anyio.Event)
     rows: list[Row] = field(default_factory=list)
     error: str | None = None
+    covers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # script → versions asked
 
 
 class CloudflareAnalytics:
@@ -147,11 +161,15 @@ class CloudflareAnalytics:
         self._account = account_id
         self._delay = delay
         self._longest = longest_window
-        self._queries: dict[tuple[str, datetime, tuple[str, ...]], _Query] = {}
+        self._queries: dict[datetime, list[_Query]] = {}  # by the window's end
+        self._wanted: dict[str, tuple[tuple[str, ...], datetime]] = {}  # versions, last end
         chosen = _QUANTILES if signals is None else set(signals) & set(_QUANTILES)
         self._quantiles = sorted({_QUANTILES[s] for s in chosen})
         self.query = query_for(self._quantiles)
+        self.batch_query = query_for(self._quantiles, batched=True)
         self.schema_problem: str | None = None  # set by check_schema when a field is missing
+        self.batched = True  # one query for every script (the schema has scriptName_in)
+        self.queries = 0
 
     async def check_schema(self) -> str | None:
         """Ask Cloudflare (introspection) whether its schema has every type and field the query
@@ -159,6 +177,12 @@ class CloudflareAnalytics:
         Cloudflare could not be asked."""
         data = await self._client.graphql(INTROSPECTION, {})
         missing = _missing(data, self._quantiles)
+        self.batched = not missing_fields(data, ("scriptName_in",), {"dimensions": ("scriptName",)})
+        if not self.batched:
+            log.warning(
+                "analytics: the schema has no scriptName_in or scriptName dimension;"
+                " one query per script and window instead of one for all"
+            )
         self.schema_problem = (
             "Cloudflare's analytics schema lacks " + ", ".join(missing) + " (see /health)"
             if missing
@@ -181,7 +205,11 @@ class CloudflareAnalytics:
         query = await self._rows(target, end)
         if query.error is not None:
             return Observation(rule.name, target.role, None, None, query.error)
-        rows = [r for r in query.rows if r.version == target.version and start <= r.minute < end]
+        rows = [
+            r
+            for r in query.rows
+            if r.version == target.version and r.script == target.script and start <= r.minute < end
+        ]
         if rule.compare is not None:
             # counts, for the canary-vs-stable test: a version idle in the window counts 0 of 0;
             # sampled windows count what was kept, not the estimates
@@ -206,26 +234,17 @@ class CloudflareAnalytics:
 
     async def _rows(self, target: Target, end: datetime) -> _Query:
         versions = tuple(sorted({target.canary, target.stable}))
-        key = (target.script, end, versions)
-        query = self._queries.get(key)
-        if query is not None:
-            await query.done.wait()
-            return query
-        self._forget_older(target.script, end)
-        query = self._queries[key] = _Query()
+        self._wanted[target.script] = (versions, end)
+        asked = self._queries.get(end, [])
+        for query in asked:
+            if query.covers.get(target.script) == versions:
+                await query.done.wait()
+                return query
+        self._forget_older(end)
+        query = _Query(covers=self._batch(target.script, versions, end, asked))
+        self._queries.setdefault(end, []).append(query)
         try:
-            start = end - max(self._longest, timedelta(minutes=1))
-            variables = {
-                "accountTag": self._account,
-                "filter": {
-                    "scriptName": target.script,
-                    "datetime_geq": format_time(start),
-                    "datetime_lt": format_time(end),
-                    "scriptVersion_in": list(versions),
-                },
-            }
-            data = await self._client.graphql(self.query, variables)
-            query.rows = _parse(data)
+            query.rows = await self._ask(query.covers, end)
         except CloudflareError as exc:
             query.error = str(exc)
         except _Malformed as exc:
@@ -233,22 +252,62 @@ class CloudflareAnalytics:
         except BaseException:
             # cancelled (a fetch timeout) or a bug: never leave an empty answer behind
             query.error = "analytics query did not complete"
-            self._queries.pop(key, None)
+            with suppress(ValueError):
+                self._queries.get(end, []).remove(query)
             raise
         finally:
             query.done.set()
         return query
 
-    def _forget_older(self, script: str, end: datetime) -> None:
-        for key in [k for k in self._queries if k[0] == script and k[1] < end]:
-            del self._queries[key]
+    def _batch(
+        self, script: str, versions: tuple[str, ...], end: datetime, asked: list[_Query]
+    ) -> dict[str, tuple[str, ...]]:
+        """This script and, batched, every other one that asked lately and is not asked yet."""
+        covers = {script: versions}
+        if not self.batched:
+            return covers
+        minutes = math.ceil(max(self._longest, timedelta(minutes=1)).total_seconds() / 60) + 1
+        most = max(1, MAX_ROWS // (2 * minutes) - 1)  # two versions a script, one row a minute
+        for other, (wanted, last) in self._wanted.items():
+            if len(covers) >= most:
+                break
+            if last < end - WANTED_FOR or other in covers:
+                continue
+            if not any(q.covers.get(other) == wanted for q in asked):
+                covers[other] = wanted
+        return covers
+
+    async def _ask(self, covers: dict[str, tuple[str, ...]], end: datetime) -> list[Row]:
+        start = end - max(self._longest, timedelta(minutes=1))
+        span = {"datetime_geq": format_time(start), "datetime_lt": format_time(end)}
+        versions = sorted({v for vs in covers.values() for v in vs})
+        only = next(iter(covers)) if len(covers) == 1 else None
+        where: dict[str, Any] = (  # one script: the query as Cloudflare's public examples make it
+            {"scriptName": only, **span, "scriptVersion_in": versions}
+            if only is not None
+            else {"scriptName_in": sorted(covers), **span, "scriptVersion_in": versions}
+        )
+        variables = {"accountTag": self._account, "filter": where}
+        self.queries += 1
+        data = await self._client.graphql(
+            self.query if only is not None else self.batch_query, variables
+        )
+        return _parse(data, only)
+
+    def _forget_older(self, end: datetime) -> None:
+        for key in sorted(self._queries)[:-2]:
+            if key < end:
+                del self._queries[key]
+        for script in [s for s, (_, last) in self._wanted.items() if last < end - WANTED_FOR]:
+            del self._wanted[script]
 
 
 class _Malformed(Exception):
     pass
 
 
-def _parse(data: dict[str, Any]) -> list[Row]:
+def _parse(data: dict[str, Any], script: str | None = None) -> list[Row]:
+    """The rows of an answer; without ``script`` (a batch) each row names its script."""
     try:
         accounts = data["viewer"]["accounts"]
         groups = accounts[0]["workersInvocationsAdaptive"] if accounts else []
@@ -256,6 +315,8 @@ def _parse(data: dict[str, Any]) -> list[Row]:
         raise _Malformed("no viewer.accounts[0].workersInvocationsAdaptive") from None
     if not isinstance(groups, list):
         raise _Malformed("workersInvocationsAdaptive is not a list")
+    if len(groups) >= MAX_ROWS:
+        raise _Malformed(f"{len(groups)} rows: a full page may have been cut short")
     rows = []
     for group in groups:
         try:
@@ -271,6 +332,7 @@ def _parse(data: dict[str, Any]) -> list[Row]:
                     _count(sums["errors"]),
                     {k: _number(quantiles.get(k)) for k in _QUANTILES.values() if k in quantiles},
                     _interval(interval),
+                    script if script is not None else _text(dims["scriptName"]),
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -300,10 +362,19 @@ def _interval(value: Any) -> float:
 
 def _missing(data: dict[str, Any], quantiles: list[str]) -> list[str]:
     """The types and fields the query needs that an introspection answer lacks."""
+    needed = {**GROUP_FIELDS, **({"quantiles": tuple(quantiles)} if quantiles else {})}
+    return missing_fields(data, FILTER_FIELDS, needed)
+
+
+def missing_fields(
+    data: dict[str, Any], filters: Iterable[str], needed: dict[str, tuple[str, ...]]
+) -> list[str]:
+    """The filter fields and group fields (by part: ``sum``, ``dimensions``, ...) that an
+    answer to :data:`INTROSPECTION` lacks, named as Cloudflare's types spell them."""
     if not isinstance(data.get("filter"), dict):
         return [f"the filter type {FILTER_TYPE}"]
     have = {f.get("name") for f in data["filter"].get("inputFields") or [] if isinstance(f, dict)}
-    missing = [f"{FILTER_TYPE}.{name}" for name in FILTER_FIELDS if name not in have]
+    missing = [f"{FILTER_TYPE}.{name}" for name in filters if name not in have]
     if not isinstance(data.get("group"), dict):
         return [*missing, f"the group type {GROUP_TYPE}"]
     parts = {
@@ -311,7 +382,6 @@ def _missing(data: dict[str, Any], quantiles: list[str]) -> list[str]:
         for f in data["group"].get("fields") or []
         if isinstance(f, dict)
     }
-    needed = {**GROUP_FIELDS, **({"quantiles": tuple(quantiles)} if quantiles else {})}
     for part, names in needed.items():
         if part not in parts:
             missing.append(f"{GROUP_TYPE}.{part}")
