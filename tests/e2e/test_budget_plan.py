@@ -19,6 +19,9 @@ from coalmine.engine import RolloutPhase
 from coalmine.simulator import Behaviour
 from tests.e2e.harness import POLICY, harness, served
 
+# the harness reads a canary's deployment every tick; the plan is shown at the default cadence
+DEFAULT_READS = {"COALMINE_CANARY_DRIFT_INTERVAL": "2m"}
+
 pytestmark = pytest.mark.anyio
 
 
@@ -44,8 +47,9 @@ def plan_lines(logs: list[dict[str, object]]) -> list[dict[str, object]]:
 
 async def test_the_plan_follows_a_canary_on_metrics_and_health(tmp_path: Path) -> None:
     """Idle: one read per drift interval; once the canary is seen, its reads, writes and one
-    analytics query: /metrics and /health show the numbers against the defaults."""
-    async with harness(tmp_path) as h, served(h) as client:
+    analytics query: /metrics and /health show the numbers against the defaults (the harness
+    reads a canary's deployment every tick; here at the default canary drift interval)."""
+    async with harness(tmp_path, env=DEFAULT_READS) as h, served(h) as client:
         idle = await budget(client)
         await h.tick()
         assert h.phase is RolloutPhase.CANARY
@@ -81,7 +85,7 @@ async def test_a_canary_over_the_budget_degrades_health_until_it_ends(tmp_path: 
     env = {"COALMINE_CLOUDFLARE_GRAPHQL_RATE_LIMIT": "10"}
     with structlog.testing.capture_logs() as logs:
         async with (
-            harness(tmp_path, env=env, canary=Behaviour(exception_rate=0.2)) as h,
+            harness(tmp_path, env=DEFAULT_READS | env, canary=Behaviour(exception_rate=0.2)) as h,
             served(h) as client,
         ):
             await h.tick()
@@ -116,7 +120,7 @@ async def test_an_over_budget_start_warns_once_naming_the_change(tmp_path: Path)
     warning line, naming the discovery interval that fits."""
     env = {"COALMINE_DISCOVERY_INTERVAL": "1s"}
     with structlog.testing.capture_logs() as logs:
-        async with harness(tmp_path, env=env, start_canary=False) as h:
+        async with harness(tmp_path, env=DEFAULT_READS | env, start_canary=False) as h:
             status = h.daemon.health.status
     [line] = plan_lines(logs)
     assert line["log_level"] == "warning" and line["event"] == "budget plan does NOT fit"
@@ -127,7 +131,7 @@ async def test_an_over_budget_start_warns_once_naming_the_change(tmp_path: Path)
 
 async def test_a_reload_recomputes_the_plan_for_the_new_scripts(tmp_path: Path) -> None:
     """SIGHUP's reload with 59 more scripts: 60 idle scripts' reads, logged and exported."""
-    async with harness(tmp_path, start_canary=False) as h, served(h) as client:
+    async with harness(tmp_path, env=DEFAULT_READS, start_canary=False) as h, served(h) as client:
         names = ", ".join(["api", *(f"w{i}" for i in range(59))])
         (tmp_path / "policy.yaml").write_text(
             POLICY.replace("scripts: [api]", f"scripts: [{names}]")
@@ -154,7 +158,7 @@ async def test_status_shows_the_plan_in_one_line(
 ) -> None:
     """`coalmine status` ends with the plan: the numbers and the room, or the first change."""
     env = {"COALMINE_CLOUDFLARE_GRAPHQL_RATE_LIMIT": "10"}
-    async with harness(tmp_path, env=env) as h, served(h) as client:
+    async with harness(tmp_path, env=DEFAULT_READS | env) as h, served(h) as client:
         idle = await status_lines(client, capsys)
         await h.tick()
         live = await status_lines(client, capsys)
@@ -169,7 +173,7 @@ async def test_status_shows_the_plan_in_one_line(
 async def test_discovery_falling_back_recomputes_the_plan(tmp_path: Path) -> None:
     """Without account-wide discovery an idle script costs a read per discovery interval (not
     per drift interval) until it is back; a new reason alone logs nothing."""
-    async with harness(tmp_path, start_canary=False) as h, served(h) as client:
+    async with harness(tmp_path, env=DEFAULT_READS, start_canary=False) as h, served(h) as client:
         planner = h.daemon.planner
         assert planner is not None
         with structlog.testing.capture_logs() as logs:
