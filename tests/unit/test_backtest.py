@@ -99,6 +99,7 @@ async def test_cloudflare_rules_are_backtested_from_analytics() -> None:
             account_id=sim.account_id,
             token=sim.api_token,
             limiter=TokenBucket(100_000),
+            graphql_limiter=TokenBucket(100_000),  # one query per tick and version, unthrottled
         )
         source = CloudflareAnalytics(
             cloudflare, sim.account_id, longest_window=timedelta(minutes=2)
