@@ -61,7 +61,7 @@ from coalmine.replicas import LeaseKeeper
 from coalmine.schedule import scheduled
 from coalmine.server.health import Health
 from coalmine.server.metrics import Metrics
-from coalmine.sources import Source, Target, fetch_safely
+from coalmine.sources import Source, Target, observe
 from coalmine.sources.pagerduty import IncidentFreeze
 from coalmine.store.base import StateStore
 from coalmine.store.leases import ACTING_FOR, LeaseLost
@@ -269,6 +269,7 @@ class ScriptLoop:
             if saved is not None:
                 self.state = RolloutState.from_json(saved)
             self._versions, self._stuck_paged, self._epoch = {}, False, fence.epoch
+            self._shared.actuator.forget(self.script)  # the last holder may have left intents
             self._shared.watch.force(self.script)
             log.info("lease taken; state reloaded", script=self.script, epoch=fence.epoch)
         self._pending += await take_forwarded(leases, self.script)
@@ -414,7 +415,7 @@ class ScriptLoop:
         observations = await self._observe(state, now, frozen)
         outcome = self.engine.tick(state, now, observations, blocked=self._blocked, frozen=frozen)
         state, decisions = outcome.state, decisions + outcome.decisions
-        with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + 60):
             # a stop (SIGTERM) lets the tick's write and traffic change finish
             return await self._record_and_act(before, state, decisions, pending, now, live)
         return decisions
@@ -544,17 +545,12 @@ class ScriptLoop:
             Target(self.script, "canary", canary, canary, stable, *where),
             Target(self.script, "stable", stable, canary, stable, *where),
         ]
-        results: list[Observation] = []
-
-        async def one(rule: Rule, target: Target) -> None:
-            sources, limit = self._shared.sources, self._shared.fetch_timeout
-            results.append(await fetch_safely(sources, rule, target, now, limit))
-
-        async with anyio.create_task_group() as tg:
-            for rule in rules:
-                for target in targets[:1] if rule.source == "webhook" else targets:
-                    tg.start_soon(one, rule, target)  # a webhook is called once, not per version
-        return results
+        pairs = [
+            (rule, target)
+            for rule in rules
+            for target in (targets[:1] if rule.source == "webhook" else targets)
+        ]  # a webhook is called once, not per version
+        return await observe(self._shared.sources, pairs, now, self._shared.fetch_timeout)
 
     def describe(self) -> dict[str, Any]:
         """The rollout as the admin API shows it (and ``coalmine status`` and ``GET /``)."""

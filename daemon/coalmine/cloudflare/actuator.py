@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from coalmine.cloudflare.client import (
@@ -44,6 +44,9 @@ class Fence(Protocol):
 
 
 TRAFFIC_ACTIONS = ("set_traffic", "promote", "rollback")
+# a script found with no open intent is not asked about again (each tick) until this process
+# writes an intent, :meth:`Actuator.forget` is called (a lease taken over) or this long passed
+QUIET_RECHECK = timedelta(seconds=60)
 
 
 # 4xx answers that may succeed later without changing the request: auth being fixed or
@@ -203,6 +206,8 @@ class Actuator:
         self._clock = clock
         # replicas: raises LeaseLost unless this replica still holds the script's lease
         self._fence = fence
+        # scripts read with no open intent: the store's intent writes then, and when
+        self._quiet: dict[str, tuple[int, datetime]] = {}
 
     async def apply(self, intent: Intent) -> Applied:
         """Make the live deployment what the intent says (once), verify, and record it."""
@@ -276,12 +281,33 @@ class Actuator:
             intent.id, {"deployment_id": deployment_id, "outcome": outcome}, now, entry
         )
 
+    def forget(self, script: str) -> None:
+        """Read the script's open intents again at its next reconcile (another process may
+        have written some: a lease taken over)."""
+        self._quiet.pop(script, None)
+
     async def reconcile(
         self, script: str | None = None
     ) -> list[tuple[Intent, Applied | Exception]]:
-        """Apply every open intent (of one script, or all), oldest first; report each outcome."""
+        """Apply every open intent (of one script, or all), oldest first; report each outcome.
+
+        A script read with none open is not read again (no store round trip each tick) until
+        an intent is written through the store (``intent_writes``), :meth:`forget` or
+        :data:`QUIET_RECHECK` passed."""
+        writes: int | None = getattr(self._store, "intent_writes", None)
+        now = self._clock()
+        if script is not None and writes is not None:
+            quiet = self._quiet.get(script)
+            if quiet is not None and quiet[0] == writes and now - quiet[1] < QUIET_RECHECK:
+                return []
         outcomes: list[tuple[Intent, Applied | Exception]] = []
-        for intent in await self._store.open_intents():
+        stored = await self._store.open_intents()
+        if script is not None and writes is not None:
+            if any(intent.script == script for intent in stored):
+                self._quiet.pop(script, None)
+            else:
+                self._quiet[script] = (writes, now)
+        for intent in stored:
             if script is not None and intent.script != script:
                 continue
             try:

@@ -34,6 +34,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.leases = LeaseMetrics(registry)  # exported alone too (no samples), for the alerts
+        self._shown: dict[str, tuple[object, ...]] = {}  # per script: what record() exported
         self.build = Info("coalmine_build", "coalmine's version.", registry=registry)
         self.build.info({"version": __version__})
         self.phase = Gauge(
@@ -230,8 +231,17 @@ class Metrics:
     def record(
         self, state: RolloutState, rules: tuple[CompiledRule, ...], decisions: list[Decision]
     ) -> None:
-        """Export a script's state after a tick."""
+        """Export a script's state after a tick (the gauges only when a value changed: most
+        ticks change none, and a labelled gauge costs a lookup and a lock per value)."""
         script = state.script
+        for d in decisions:
+            self.decisions.labels(script, d.action).inc()
+            if d.action == "rollback":
+                self.rollbacks.labels(script).inc()
+        shown = (state.phase, state.canary_percent, state.step, rules, _tracks(state, rules))
+        if self._shown.get(script) == shown:
+            return
+        self._shown[script] = shown
         for phase in RolloutPhase:
             self.phase.labels(script, phase.value).set(1 if state.phase is phase else 0)
         self.weight.labels(script).set(
@@ -256,10 +266,27 @@ class Metrics:
             self.rule_inconclusive.labels(script, rule.name).set(
                 1 if track.status is RuleStatus.INCONCLUSIVE else 0
             )
-        for d in decisions:
-            self.decisions.labels(script, d.action).inc()
-            if d.action == "rollback":
-                self.rollbacks.labels(script).inc()
+
+
+def _tracks(state: RolloutState, rules: tuple[CompiledRule, ...]) -> tuple[object, ...]:
+    """What :meth:`Metrics.record` exports of each rule's track (None: no track yet)."""
+    out: list[object] = []
+    for rule in rules:
+        track = state.rules.get(rule.name)
+        out.append(
+            None
+            if track is None
+            else (
+                track.value,
+                track.stable_value,
+                track.samples,
+                track.interval_low,
+                track.interval_high,
+                track.breaching,
+                track.status,
+            )
+        )
+    return tuple(out)
 
 
 def _reader(budget: Budget) -> Callable[[], float]:

@@ -87,6 +87,9 @@ class KeepingStore:
         self._clock = clock
         self._provisional = 0
         self._renamed: dict[int, int] = {}  # provisional id -> stored id, once written
+        # intents written (or kept) by this process so far: a reader that found none open
+        # knows to look again when this moved (the actuator's quiet scripts)
+        self.intent_writes = 0
 
     @property
     def ok(self) -> bool:
@@ -125,6 +128,7 @@ class KeepingStore:
         intents: Sequence[NewIntent],
     ) -> KeptTick:
         """Keep a tick the store could not commit; its intents become open (provisionally)."""
+        self.intent_writes += bool(intents)
         ids = []
         for _ in intents:
             self._provisional -= 1
@@ -188,6 +192,7 @@ class KeepingStore:
         """Write what is kept, then this tick; raise StoreError (keeping nothing) if either
         cannot be written."""
         await self.flush()
+        self.intent_writes += bool(intents)  # counted before: a failed write may still land
         try:
             ids = await self.inner.commit(script, state, entries, notifications, now, intents)
         except StoreError as exc:
