@@ -178,6 +178,9 @@ async def test_intent_already_live_after_a_crash_is_not_repeated(tmp_path: Path)
             {"versions": [[h.canary, 10], [h.stable, 90]], "message": "m"},
             h.clock(),
         )
+        # written behind the daemon's back, as a crashed process left it: a starting daemon
+        # knows no script quiet yet (its first reconcile reads them all)
+        h.daemon.shared.actuator.forget("api")
         (outcome,) = await h.daemon.shared.actuator.reconcile("api")
         assert outcome[0].id == intent_id
         assert h.sim.deployment_posts("api") == []
