@@ -5,6 +5,7 @@ Run from the repository root::
     .venv/bin/python bench/daemon.py                        # both parts, defaults
     .venv/bin/python bench/daemon.py --only detection --runs 20
     .venv/bin/python bench/daemon.py --only footprint --scripts 100 --seconds 120
+    .venv/bin/python bench/daemon.py --only footprint --limiter lifted --profile daemon.prof
 
 This is a benchmark, not a test: it prints numbers and exits 0 whether or not a target is met.
 Everything runs on loopback against coalmine's simulator (``coalmine.simulator``) on the wall
@@ -454,6 +455,13 @@ BOOTSTRAP = (
     "import sys, coalmine.cloudflare.budgets as r; r.WINDOW = {window!r}; "
     "from coalmine.cli import main; sys.exit(main(['run']))"
 )
+# --profile: cProfile in the daemon, from SIGUSR1 (sent as the measured window opens) to exit
+PROFILED = (
+    "import signal, sys, cProfile, coalmine.cloudflare.budgets as r; r.WINDOW = {window!r}; "
+    "from coalmine.cli import main; p = cProfile.Profile(); "
+    "signal.signal(signal.SIGUSR1, lambda *a: p.enable()); "
+    "c = main(['run']); p.disable(); p.dump_stats({path!r}); sys.exit(c)"
+)
 FOOTPRINT_TARGETS = {"cpu": 0.25, "rss_mb": 150.0, "p99": 0.25}
 FLOOR_TARGET = 1.2  # issue 13: CPU per poll at most 1.2x the bare asyncio + httpx floor
 SLICE = 10.0  # seconds: CPU share is also reported per slice of the run
@@ -624,6 +632,7 @@ async def footprint(
     state_url: str | None = None,
     server_cpu: Callable[[], float] | None = None,
     floor: bool = False,
+    profile: str | None = None,
 ) -> Footprint:
     """One measured run of ``coalmine run`` watching ``scripts`` canaries every second, on a
     SQLite file of its own or on ``state_url``; ``server_cpu`` (CPU seconds so far of a
@@ -650,7 +659,11 @@ async def footprint(
                 "COALMINE_LISTEN": listen,
                 "COALMINE_CLOUDFLARE_RATE_LIMIT": "1200",
             }
-            if limiter == "shipped":
+            window = LIFTED_WINDOW if limiter == "lifted" else 300.0
+            if profile is not None:
+                path = str(Path(profile).resolve())
+                command = [sys.executable, "-c", PROFILED.format(window=window, path=path)]
+            elif limiter == "shipped":
                 command = [sys.executable, "-m", "coalmine", "run"]
             else:
                 command = [sys.executable, "-c", BOOTSTRAP.format(window=LIFTED_WINDOW)]
@@ -662,7 +675,7 @@ async def footprint(
             try:
                 with pinned_apart(process.pid) as core:
                     result = await measure(
-                        process, sim, names, listen, seconds, limiter, server_cpu
+                        process, sim, names, listen, seconds, limiter, server_cpu, profile
                     )
                     result.core = core
             finally:
@@ -746,6 +759,7 @@ async def measure(
     seconds: float,
     limiter: str,
     server_cpu: Callable[[], float] | None = None,
+    profile: str | None = None,
 ) -> Footprint:
     base = f"http://{listen}"
     started = time.monotonic()
@@ -768,6 +782,8 @@ async def measure(
         await anyio.sleep(5.0)  # past every warm-up
         before_metrics = await get_text(http, f"{base}/metrics")
         scraped = time.monotonic()
+        if profile is not None:
+            process.send_signal(signal.SIGUSR1)  # the profile covers the measured window
         before = proc_sample(process.pid)
         server_before = server_cpu() if server_cpu else 0.0
         sim_before = time.process_time()
@@ -1007,6 +1023,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=1, help="footprint: runs of each limiter setting (1)"
     )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="footprint: cProfile the daemon over the measured window into FILE"
+        " (read it with python -m pstats FILE); its numbers then include the profiler's cost",
+    )
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument(
         "--no-floor",
@@ -1039,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
                     None,
                     None,
                     limiter == "lifted" and not args.no_floor,
+                    args.profile,
                 )
                 print_footprint([result])
                 results.append(result)
