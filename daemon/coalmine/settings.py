@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
 
-from coalmine.cloudflare.plan import READING
+from coalmine.cloudflare.reading import READING
 from coalmine.durations import format_duration
 from coalmine.errors import ConfigError
 from coalmine.policy import Duration
