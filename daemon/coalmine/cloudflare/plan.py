@@ -277,9 +277,11 @@ class Plan:
             return None
         over = [b.describe() for b in (self.rest, self.graphql) if not b.fits]
         if self.token is not None:
-            share = f"this replica's share of {self.inputs.replicas}: "
+            share = f"this replica's share (1/{self.inputs.replicas} of the token): "
             over = [share + text for text in over]
-            over += [f"the token's whole: {b.describe()}" for b in self.token if not b.fits]
+            token = [f"the token's whole: {b.describe()}" for b in self.token if not b.fits]
+            # the leases balance scripts, not their cost
+            over += token or ["the token's whole fits: this replica holds more than its share"]
         text = f"the Cloudflare budget plan does not fit: {'; '.join(over)}"
         if self.changes:
             return f"{text}; change one of: {' | '.join(self.changes)}"
