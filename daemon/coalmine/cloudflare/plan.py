@@ -266,10 +266,9 @@ class Plan:
     def token_summary(self) -> str:
         """``the token, shared by 3 replicas: REST 384/600, GraphQL 25/200 per 5 min``."""
         rest, graphql = self.token or budgets(self.inputs)
-        return (
-            f"the token, shared by {self.inputs.replicas} replicas: REST {rest.numbers()},"
-            f" GraphQL {graphql.numbers()} per 5 min"
-        )
+        n = self.inputs.replicas
+        who = f"shared by {n} replicas" if n > 1 else "one replica's alone"
+        return f"the token, {who}: REST {rest.numbers()}, GraphQL {graphql.numbers()} per 5 min"
 
     def problem(self) -> str | None:
         """Why the plan does not fit and what to change, or None when it fits."""
