@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coalmine.cli.status import budget_line
 from coalmine.cloudflare.budgets import TokenBucket, size, write_reserve
 from coalmine.cloudflare.plan import Group, Inputs, budgets, plan, token_budgets
 from tests.unit.test_budget_plan import ACCOUNT, go_live
@@ -268,3 +269,19 @@ def test_that_many_more_canaries_on_this_replica_still_fit(
     after = go_live(inputs, counts)
     account = go_live(after._replace(groups=after.account or ()), counts).groups
     assert plan(after._replace(account=account)).fits
+
+
+def test_status_says_the_numbers_are_this_replicas_share() -> None:
+    """`coalmine status` on a replica: its numbers, marked as its share of the token."""
+    half = plan(replica(RUNBOOK._replace(live=25, idle=475)))
+    assert half.fits
+    shown = {
+        "fits": True,
+        **{b.api: {"planned": b.planned, "limit": b.limit} for b in (half.rest, half.graphql)},
+        "replicas": 2,
+        "more_canaries": half.more_canaries,
+    }
+    assert budget_line(shown) == (
+        f"budget: REST 192/300, GraphQL 15/100 per 5 min (share 1/2);"
+        f" {half.more_canaries} more canaries would fit"
+    )
