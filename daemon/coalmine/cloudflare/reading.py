@@ -53,4 +53,15 @@ alert `CoalmineBudgetPlanOverLimit` watches them. `coalmine status` ends with on
 `budget: REST 384/600, GraphQL 15/200 per 5 min; 48 more canaries would fit`, or `budget:
 OVER: ...; fix: ...` with the first change. Sizing an account:
 [deploy.md](deploy.md#sizing-an-account).
+
+Replicas sharing one Cloudflare token (a PostgreSQL store) share its limits: each replica
+plans the scripts it holds against its share, the limit over the live replicas (its token
+buckets allow no more), and every watched script against the token's whole limits, counting
+a discovery query per replica. The line then reads `... 17 live canaries of 334 scripts
+held, 15 more would fit; the token, shared by 3 replicas: REST 384/600, GraphQL 45/200 per 5
+min` and has a `replicas` field; `rest_limit` and `graphql_limit` are the replica's share.
+`/health`'s `budget_plan` adds `replicas` and `token`; on `/metrics`,
+`coalmine_cloudflare_budget_token_planned{api}` and `coalmine_cloudflare_budget_token_limit{api}`
+are the token's whole (alone: the same as the daemon's own). A plan fits only when both do: the
+problem names which, *this replica's share* or *the token's whole*.
 """
