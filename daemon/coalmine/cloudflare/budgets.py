@@ -19,6 +19,7 @@ another replica's reads. A daemon alone (SQLite) has one share: the whole limit.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -53,6 +54,7 @@ class Size(NamedTuple):
     reserve: float
 
 
+@functools.lru_cache(maxsize=256)  # the plan's search asks for the same few sizes often
 def size(
     per_window: float,
     *,

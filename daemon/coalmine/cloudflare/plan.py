@@ -399,14 +399,19 @@ def _more_canaries(
     new = _new_intervals(inputs.groups, live)
     queries = sorted((window / max(g.interval, 1.0) for g in new), reverse=True)
     # what is left of this replica's share, and of the token's whole (the same spending)
-    lefts = [[b.room - b.planned for b in pair] for pair in (mine, *([token] if token else []))]
+    return min(_fitting(deltas, queries, pair) for pair in (mine, *([token] if token else [])))
+
+
+def _fitting(deltas: list[float], queries: list[float], budgets: tuple[Budget, Budget]) -> int:
+    """How many of ``deltas`` (REST) and ``queries`` (GraphQL), in order, fit ``budgets``."""
+    rest, graphql = budgets
+    rest_left, graphql_left = rest.room - rest.planned, graphql.room - graphql.planned
     more = 0
     for k, delta in enumerate(deltas):
-        for left in lefts:
-            left[0] -= delta
-            if k < len(queries):
-                left[1] -= queries[k]
-        if any(n < -1e-9 for left in lefts for n in left):
+        rest_left -= delta
+        if k < len(queries):
+            graphql_left -= queries[k]
+        if rest_left < -1e-9 or graphql_left < -1e-9:
             break
         more = k + 1
     return more
@@ -481,7 +486,10 @@ def _pair(inputs: Inputs, one: _Lever, other: _Lever) -> Fix | None:
 
 def _fits(inputs: Inputs) -> bool:
     rest, graphql = budgets(inputs)
-    return rest.fits and graphql.fits and all(b.fits for b in token_budgets(inputs) or ())
+    if not (rest.fits and graphql.fits):
+        return False
+    token = token_budgets(inputs)  # replicas: the token's whole must fit too
+    return token is None or (token[0].fits and token[1].fits)
 
 
 def _first(lever: _Lever, good: Callable[[Change], bool], *, bisect: bool = True) -> Change | None:
