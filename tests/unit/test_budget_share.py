@@ -6,13 +6,25 @@ clock, and the plan (cloudflare/plan.py) with ``Inputs.replicas`` and ``Inputs.a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from coalmine.cli.status import budget_line
 from coalmine.cloudflare.budgets import TokenBucket, size, write_reserve
 from coalmine.cloudflare.plan import Group, Inputs, budgets, plan, token_budgets
+from coalmine.cloudflare.planner import BudgetPlanner, Watched
+from coalmine.policyfile import parse_policy
+from coalmine.replicas import LeaseKeeper
+from coalmine.server.health import Health
+from coalmine.server.metrics import LeaseMetrics, Metrics
+from coalmine.settings import load_settings
+from coalmine.store.leases import OUTBOX, ReplicaIdInUse
+from coalmine.store.sqlite import SqliteStore
+from coalmine.store.threaded import ThreadedSqlite
 from tests.unit.test_budget_plan import ACCOUNT, go_live
 from tests.unit.test_ratelimit import Clock
 
@@ -285,3 +297,94 @@ def test_status_says_the_numbers_are_this_replicas_share() -> None:
         f"budget: REST 192/300, GraphQL 15/100 per 5 min (share 1/2);"
         f" {half.more_canaries} more canaries would fit"
     )
+
+
+# ---- The lease layer tells the planner ------------------------------------------------------
+
+
+async def test_each_lease_round_says_how_many_share_the_token_and_what_is_held(
+    tmp_path: Path,
+) -> None:
+    """A lease round reports the live replicas and the leases held (the share the buckets and
+    the plan follow); a replica standing aside for a newer process under its id holds none."""
+    stores = [ThreadedSqlite(SqliteStore(tmp_path / "state.db")) for _ in range(3)]
+    metrics = [LeaseMetrics(CollectorRegistry()) for _ in range(3)]
+    a = LeaseKeeper(stores[0], "A", 60, ["x", "y"], metrics[0])
+    b = LeaseKeeper(stores[1], "B", 60, ["x", "y"], metrics[1])
+    told: list[tuple[int, set[str]]] = []
+    a.on_share = lambda replicas, held: told.append((replicas, held))
+    try:
+        await a.round()
+        assert told[-1] == (1, {OUTBOX, "x", "y"})
+        await b.round()
+        await a.round()  # B is seen: A gives one script back
+        replicas, held = told[-1]
+        assert replicas == 2 and len(held - {OUTBOX}) == 1
+        newer = LeaseKeeper(stores[2], "A", 60, ["x", "y"], metrics[2])
+        await newer.announce()
+        with pytest.raises(ReplicaIdInUse):
+            await a.round()
+        assert told[-1][1] == set()
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+class Keeper:
+    """The lease keeper as the planner sees it: the live replicas, and the hook it calls."""
+
+    def __init__(self, live: int) -> None:
+        self.live = [f"r{i}" for i in range(live)]
+        self.on_share = lambda replicas, held: None
+
+
+POLICY = """
+version: 1
+name: runbook
+scripts: [a, b, c, d]
+analysis: {interval: 30s}
+steps: [{weight: 10, hold: 5m}, {weight: 100}]
+rules:
+  - {name: errors, source: cloudflare, signal: errors_per_minute, window: 5m, above: 10, on_breach: rollback}
+"""
+
+
+def test_the_planner_sizes_the_buckets_and_plans_the_held_scripts_at_each_round() -> None:
+    """Two live replicas: the buckets refill at half and the plan is the held scripts against
+    half; a third replica joins: a third; one alone again: the whole, every script held."""
+    clock = Clock()
+    rest = TokenBucket(600, clock=clock)
+    graphql = rest.sibling(200)
+    metrics = Metrics(CollectorRegistry())
+    planner = BudgetPlanner(load_settings({}), metrics, Health(clock))
+    keeper = Keeper(live=2)
+    planner.share_with(keeper, [rest, graphql])
+    policy = parse_policy(POLICY)
+    planner.watch([Watched(s, policy, live=s == "a") for s in policy.scripts])
+    assert (rest.rate, graphql.rate) == pytest.approx((1.0, 100 / 300))
+    keeper.on_share(2, {"a", "b", OUTBOX})
+    current = planner.plan
+    assert current is not None and current.token is not None
+    assert (current.rest.limit, current.inputs.live, current.inputs.idle) == (300, 1, 1)
+    assert current.token[0].limit == 600 and current.inputs.replicas == 2
+    described = planner.describe()
+    assert described is not None and described["replicas"] == 2
+    assert described["rest"]["limit"] == 300 and described["token"]["rest"]["limit"] == 600
+    assert described["graphql"]["limit"] == 100
+    assert (
+        metrics.registry.get_sample_value("coalmine_cloudflare_budget_limit", {"api": "rest"})
+        == 300
+    )
+    assert (
+        metrics.registry.get_sample_value("coalmine_cloudflare_budget_token_limit", {"api": "rest"})
+        == 600
+    )
+    keeper.on_share(3, {"c"})
+    assert rest.rate == pytest.approx(200 / 300)
+    described = planner.describe()
+    assert described is not None and described["graphql"]["limit"] == 66.7
+    keeper.on_share(1, {"a", "b", "c", "d"})
+    assert (rest.rate, rest.capacity, graphql.rate) == pytest.approx((2.0, 60.0, 200 / 300))
+    current = planner.plan
+    assert current is not None and current.rest.limit == 600
+    assert current.inputs.live + current.inputs.idle == 4
