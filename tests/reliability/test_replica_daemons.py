@@ -21,10 +21,12 @@ from typing import Any
 
 import anyio
 import httpx
+import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coalmine.app import Daemon, open_daemon, prepare
+from coalmine.server.openapi import openapi_document
 from coalmine.settings import load_settings
 from coalmine.simulator import Simulator
 
@@ -256,6 +258,10 @@ async def test_two_replicas_each_spend_half_the_token_and_one_alone_the_whole(
             assert metrics["coalmine_cloudflare_budget_token_limit{graphql}"] == 200
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{replica.port}") as client:
                 plan = (await client.get("/health", timeout=10)).json()["budget_plan"]
+            schemas = openapi_document()["components"]
+            jsonschema.validate(
+                plan, {"$ref": "#/components/schemas/BudgetPlan", "components": schemas}
+            )  # the OpenAPI document describes a replica's plan too
             assert plan["replicas"] == 2
             assert (plan["rest"]["limit"], plan["graphql"]["limit"]) == (300, 100)
             assert (plan["token"]["rest"]["limit"], plan["token"]["graphql"]["limit"]) == (600, 200)
