@@ -216,7 +216,7 @@ class Change:
             return inputs._replace(groups=_drop_idle(inputs.groups, int(value)))
         # fewer scripts in all: the leases rebalance, each replica holds that share fewer
         return inputs._replace(
-            groups=_drop_idle(inputs.groups, int(value) // inputs.replicas),
+            groups=_drop_idle(inputs.groups, int(value) // max(1, inputs.replicas)),
             account=_drop_idle(inputs.account, int(value)),
         )
 
