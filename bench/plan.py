@@ -14,6 +14,8 @@ median CPU time of the process: a wall-clock median well above it means the core
 a. ``fits``: the issue's account, 1,000 scripts of one policy, 50 of them canaries.
 b. ``over``: 5,000 scripts in 20 policies at five intervals, 200 of them canaries, account-wide
    discovery unavailable: over REST, so every lever and pair of levers is searched for fixes.
+c. ``replica``: ``over`` on one of three replicas sharing the token, holding a third of each
+   policy's scripts: its share's plan and the token's, both searched for fixes.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def workloads() -> dict[str, Inputs]:
         for i in range(20)
     )
     over = Inputs(groups, 60.0, 1800.0, 120.0, 600, 200, account_wide=False)
-    return {"fits": fits, "over": over}
+    third = tuple(g._replace(live=g.live // 3, idle=g.idle // 3) for g in groups)
+    replica = over._replace(groups=third, replicas=3, account=groups)
+    return {"fits": fits, "over": over, "replica": replica}
 
 
 def main() -> None:

@@ -319,6 +319,7 @@ class Daemon:
             if keeper.fence(script) is None and script in saved:
                 loop.state = RolloutState.from_json(saved[script])
                 self.metrics.record(loop.state, loop.engine.rules, [])  # as the holder sees it
+                self.shared.on_canary(script, loop.state.phase in ACTIVE)  # the token's plan
 
     async def verify_journal(self) -> bool:
         """Check the journal's hash chain now and export the result."""
@@ -425,6 +426,7 @@ async def open_daemon(
         keeper = _keeper(settings, raw, policies, metrics, replicas)
         if keeper is not None:  # on the way out, after the loops' last writes
             await keeper.announce()  # this id is now this process's: an older one stands aside
+            planner.share_with(keeper, cloudflare.budgets.values())  # its share of the token
             stack.push_async_callback(_step_down, keeper)
             http.event_hooks = {**http.event_hooks, "request": [keeper.request_hook]}
         actuator = Actuator(cloudflare, store, clock, fence=keeper.check if keeper else None)

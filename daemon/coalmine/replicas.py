@@ -11,7 +11,9 @@ The keeper is the only part of a replica that takes, renews and gives up leases 
 4. notes the scripts with operator commands forwarded by other replicas;
 5. tells the daemon what changed (:attr:`on_round`): loops of newly held scripts (and of
    scripts with forwarded commands) wake; new holders reload the state and reconcile open
-   intents before judging.
+   intents before judging; and tells the budget planner (:attr:`on_share`) how many replicas
+   share the Cloudflare token and which scripts this one holds: its token buckets are sized
+   for its share.
 
 A replica does not trust a lease longer than it can be sure of it by its *own* monotonic
 clock: a renewal that began at ``t`` makes the lease good locally until ``t + TTL`` less a
@@ -110,6 +112,8 @@ class LeaseKeeper:
         self.on_store: Callable[[bool], None] = lambda ok: None  # whether a round could write
         # why this replica acts on nothing (its id is in use by another live process), or None
         self.on_conflict: Callable[[str | None], None] = lambda problem: None
+        # how many replicas are live, and the leases this one holds (after each round)
+        self.on_share: Callable[[int, set[str]], None] = lambda replicas, held: None
         self.instance = secrets.token_hex(8)  # this process's own token behind the shared id
         self._clock = clock
         self._outbox_changed = anyio.Event()
@@ -187,6 +191,7 @@ class LeaseKeeper:
         self.table = {row.name: row for row in await self.store.leases()}
         self.queued = await self.store.queued()
         self._export(set(got), lost)
+        self.on_share(len(self.live), set(self.holdings))
         if OUTBOX in lost | set(got):
             self._outbox_changed.set()
         for name in lost:
@@ -208,6 +213,7 @@ class LeaseKeeper:
             self.holdings.drop(name)
         self.metrics.id_conflict.set(1)
         self._export(set(), set())
+        self.on_share(len(self.live), set())
 
     def _candidates(self, held: set[str]) -> list[str]:
         """Scripts this replica might take, those whose lease expired longest ago first."""

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
 
-from coalmine.cloudflare.plan import READING
+from coalmine.cloudflare.reading import READING
 from coalmine.durations import format_duration
 from coalmine.errors import ConfigError
 from coalmine.policy import Duration
@@ -123,14 +123,16 @@ class Settings(BaseSettings):
         default=600,
         gt=0,
         le=1200,
-        description="Cloudflare API calls per 5 minutes (the token's budget is 1,200).",
+        description="Cloudflare API calls per 5 minutes (the token's budget is 1,200). Replicas"
+        " on one token share it: each spends at most this over the live replicas.",
     )
     cloudflare_graphql_rate_limit: int = Field(
         default=200,
         gt=0,
         le=300,
         description="GraphQL analytics queries per 5 minutes, a budget apart from the REST one"
-        " (Cloudflare's is 300; 1 a second when it answers `X-Rate-Limit-Type: account-based`).",
+        " (Cloudflare's is 300; 1 a second when it answers `X-Rate-Limit-Type: account-based`)."
+        " Replicas on one token share it, as the REST one.",
     )
     discovery_interval: Duration = Field(
         default=timedelta(seconds=60),

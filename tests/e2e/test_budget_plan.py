@@ -63,6 +63,11 @@ async def test_the_plan_follows_a_canary_on_metrics_and_health(tmp_path: Path) -
         "coalmine_cloudflare_budget_reserve{rest}": 6.0,
         "coalmine_cloudflare_budget_reserve{graphql}": 0.0,
         "coalmine_cloudflare_budget_more_canaries": 1.0,
+        # alone, the token's whole plan and limit are the daemon's own
+        "coalmine_cloudflare_budget_token_planned{rest}": 0.2,
+        "coalmine_cloudflare_budget_token_planned{graphql}": 5.0,
+        "coalmine_cloudflare_budget_token_limit{rest}": 600.0,
+        "coalmine_cloudflare_budget_token_limit{graphql}": 200.0,
     }
     assert live["coalmine_cloudflare_budget_planned{rest}"] == 4.5  # 2.5 reads + 2 writes
     assert live["coalmine_cloudflare_budget_planned{graphql}"] == 15.0  # + every 30 s

@@ -5,7 +5,8 @@ HTTP port, against one simulator. The store is one SQLite file opened by each (S
 statements keep the same lease semantics as PostgreSQL's; ``coalmine run`` itself refuses a
 second process on one SQLite file). These pin what the daemon does with leases: one holder
 acts, another replica forwards an operator's command to it, and a replica that stops hands
-its scripts over at once.
+its scripts over at once. The replicas sharing the Cloudflare token's budget run on a real
+PostgreSQL, as production does.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from typing import Any
 
 import anyio
 import httpx
+import jsonschema
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from coalmine.app import Daemon, open_daemon, prepare
+from coalmine.server.openapi import openapi_document
 from coalmine.settings import load_settings
 from coalmine.simulator import Simulator
 
@@ -62,9 +66,10 @@ class Replica:
 
 @asynccontextmanager
 async def replicas(
-    tmp_path: Path, names: str = "ABC"
+    tmp_path: Path, names: str = "ABC", state_url: str | None = None
 ) -> AsyncIterator[tuple[Simulator, list[Replica]]]:
-    """A simulator with `api` and `web` split 10% to a canary, and a daemon per name."""
+    """A simulator with `api` and `web` split 10% to a canary, and a daemon per name (on one
+    SQLite file, or on ``state_url``)."""
     sim = Simulator(seed=3)
     sim.slack.limiter.limit = None
     canaries = {}
@@ -79,7 +84,7 @@ async def replicas(
                 {
                     **sim.environment(),
                     "COALMINE_POLICIES": str(tmp_path / "policy.yaml"),
-                    "COALMINE_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+                    "COALMINE_STATE_URL": state_url or f"sqlite:///{tmp_path / 'state.db'}",
                     "COALMINE_LISTEN": "127.0.0.1:0",
                     "COALMINE_ADMIN_TOKEN": TOKEN,
                     "COALMINE_DISCOVERY_INTERVAL": "1s",
@@ -206,3 +211,66 @@ async def test_a_stopping_replica_hands_its_scripts_over_at_once(tmp_path: Path)
             "coalmine_lease_held", {"script": "api"}
         )
         assert metrics == 1.0
+
+
+def plan_of(replica: Replica) -> tuple[int, float, float, int]:
+    """A replica's budget plan: live replicas, REST and GraphQL limits, scripts planned."""
+    planner = replica.daemon.planner
+    assert planner is not None
+    plan = planner.plan
+    if plan is None:
+        return (0, 0.0, 0.0, 0)
+    inputs = plan.inputs
+    return (inputs.replicas, plan.rest.limit, plan.graphql.limit, inputs.live + inputs.idle)
+
+
+async def budget_metrics(replica: Replica) -> dict[str, float]:
+    """The replica's budget gauges, by name and api, read over HTTP."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{replica.port}") as client:
+        text = (await client.get("/metrics", timeout=10)).text
+    return {
+        f"{s.name}{{{s.labels['api']}}}": s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.startswith("coalmine_cloudflare_budget_") and "api" in s.labels
+    }
+
+
+async def test_two_replicas_each_spend_half_the_token_and_one_alone_the_whole(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Two live replicas on PostgreSQL: each plans the script it holds against half of each
+    limit and its buckets refill at half the rate (/metrics and /health say so); once one
+    stops, the other plans both scripts against the whole and refills at the whole rate."""
+    async with replicas(tmp_path, "AB", postgres_url) as (_, running):
+        first, second = running
+        await until(lambda: all(plan_of(r) == (2, 300, 100, 1) for r in running))
+        for replica in running:
+            rest = replica.daemon.shared.cloudflare.budgets["rest"]
+            graphql = replica.daemon.shared.cloudflare.budgets["graphql"]
+            assert (rest.rate, rest.capacity, rest.reserve) == pytest.approx((1.0, 30.0, 3.0))
+            assert graphql.rate == pytest.approx(100 / 300)
+            metrics = await budget_metrics(replica)
+            assert metrics["coalmine_cloudflare_budget_limit{rest}"] == 300
+            assert metrics["coalmine_cloudflare_budget_limit{graphql}"] == 100
+            assert metrics["coalmine_cloudflare_budget_reserve{rest}"] == 3
+            assert metrics["coalmine_cloudflare_budget_token_limit{rest}"] == 600
+            assert metrics["coalmine_cloudflare_budget_token_limit{graphql}"] == 200
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{replica.port}") as client:
+                plan = (await client.get("/health", timeout=10)).json()["budget_plan"]
+            schemas = openapi_document()["components"]
+            jsonschema.validate(
+                plan, {"$ref": "#/components/schemas/BudgetPlan", "components": schemas}
+            )  # the OpenAPI document describes a replica's plan too
+            assert plan["replicas"] == 2
+            assert (plan["rest"]["limit"], plan["graphql"]["limit"]) == (300, 100)
+            assert (plan["token"]["rest"]["limit"], plan["token"]["graphql"]["limit"]) == (600, 200)
+            assert plan["token"]["rest"]["reserve"] == 6
+        await first.stop()
+        await until(lambda: plan_of(second) == (1, 600, 200, 2))
+        rest = second.daemon.shared.cloudflare.budgets["rest"]
+        assert (rest.rate, rest.capacity, rest.reserve) == pytest.approx((2.0, 60.0, 6.0))
+        assert second.daemon.shared.cloudflare.budgets["graphql"].rate == pytest.approx(200 / 300)
+        metrics = await budget_metrics(second)
+        assert metrics["coalmine_cloudflare_budget_limit{rest}"] == 600
+        assert metrics["coalmine_cloudflare_budget_limit{graphql}"] == 200

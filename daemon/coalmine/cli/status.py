@@ -48,9 +48,11 @@ def budget_line(plan: dict[str, Any] | None, *, colour: bool = False) -> str | N
         return None
     rest, graphql = plan["rest"], plan["graphql"]
     numbers = (
-        f"REST {math.ceil(rest['planned'])}/{rest['limit']},"
-        f" GraphQL {math.ceil(graphql['planned'])}/{graphql['limit']} per 5 min"
+        f"REST {math.ceil(rest['planned'])}/{round(rest['limit'], 1):g},"
+        f" GraphQL {math.ceil(graphql['planned'])}/{round(graphql['limit'], 1):g} per 5 min"
     )
+    if plan.get("replicas", 1) > 1:  # this replica's share of the token's budget
+        numbers += f" (share 1/{plan['replicas']})"
     if plan["fits"]:
         return _clip(f"budget: {numbers}; {plan['more_canaries']} more canaries would fit")
     changes = plan.get("changes") or ["see GET /health"]

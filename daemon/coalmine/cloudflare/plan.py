@@ -20,7 +20,20 @@ GraphQL
 
 The plan fits when REST's total leaves the rollbacks' reserve of the REST token bucket
 (:func:`~coalmine.cloudflare.budgets.write_reserve`) untouched and GraphQL's is within its
-limit. When it does not, :func:`plan` computes concrete changes, each of which (alone, or with
+limit.
+
+Replicas sharing one token (:attr:`Inputs.replicas` > 1) each plan what *they* will spend: the
+scripts they hold (:attr:`Inputs.groups`), against their share of each limit (the limit over the
+live replicas, less their share of the reserve: what their token buckets allow). The scripts
+held, not a fair share of all: the leases balance the number of scripts, not their cost, and a
+replica whose scripts need more than its share waits on its own bucket whatever the others
+spend. The whole account (:attr:`Inputs.account`, every watched script) must fit the token's
+whole limits too, with one discovery query per interval from each replica holding scripts and
+one analytics query per interval from each replica holding such canaries (at most). Summed
+over the replicas, their own plans are the account's: so an account that does not fit always
+shows as some replica whose own plan does not fit.
+
+When a plan does not fit, :func:`plan` computes concrete changes, each of which (alone, or with
 the one other change it names) makes it fit: checked by computing the plan again, never canned.
 """
 
@@ -85,19 +98,28 @@ class Inputs(NamedTuple):
     discovery: float
     drift: float
     canary_drift: float
-    rest_limit: int
+    rest_limit: int  # the token's whole limits
     graphql_limit: int
     account_wide: bool = True  # False: discovery fell back to one read per idle script
+    replicas: int = 1  # live replicas sharing the token; each plans its share
+    # replicas: every watched script (``groups`` are then the scripts this replica holds);
+    # None: a daemon alone, whose ``groups`` are every watched script
+    account: tuple[Group, ...] | None = None
 
     @property
     def live(self) -> int:
-        """Scripts with a live canary."""
+        """Scripts with a live canary (of those this replica holds)."""
         return sum(g.live for g in self.groups)
 
     @property
     def idle(self) -> int:
-        """Scripts without one."""
+        """Scripts without one (of those this replica holds)."""
         return sum(g.idle for g in self.groups)
+
+    @property
+    def watched(self) -> tuple[Group, ...]:
+        """Every watched script, whoever holds it."""
+        return self.groups if self.account is None else self.account
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +127,7 @@ class Budget:
     """One API's plan: its parts (requests per 5 minutes) against its limit."""
 
     api: Api
-    limit: int
+    limit: float  # a replica's share of the token's limit (the whole limit when alone)
     reserve: float  # kept for rollbacks: never planned
     parts: tuple[tuple[str, float], ...]
 
@@ -130,7 +152,11 @@ class Budget:
         parts = [f"{label} {_count(n)}" for label, n in self.parts]
         if self.reserve:
             parts.append(f"{_count(self.reserve)} kept for rollbacks")
-        return f"{name} {_count(self.planned)}/{self.limit} per 5 min ({', '.join(parts)})"
+        return f"{name} {self.numbers()} per 5 min ({', '.join(parts)})"
+
+    def numbers(self) -> str:
+        """``384/600``: planned (rounded up) of the limit."""
+        return f"{_count(self.planned)}/{limit_text(self.limit)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +179,7 @@ class Change:
             now = getattr(inputs, kind)
             return f"raise {VARIABLES[kind]} to {_duration(value)} (now {_duration(now)})"
         if kind == "interval":
-            group = next(g for g in inputs.groups if g.policy == self.policy)
+            group = next(g for g in inputs.watched if g.policy == self.policy)
             return (
                 f"analysis.interval {_duration(value)} in policy {self.policy}"
                 f" (now {_duration(group.interval)})"
@@ -162,7 +188,8 @@ class Change:
             most = REST_MAX if kind == "rest_limit" else GRAPHQL_MAX
             now = getattr(inputs, kind)
             return f"raise {VARIABLES[kind]} to {int(value)} (now {now}, at most {most})"
-        return f"watch {int(value)} fewer idle scripts (now {inputs.idle})"
+        idle = sum(g.idle for g in inputs.watched)
+        return f"watch {int(value)} fewer idle scripts (now {idle})"
 
     def apply(self, inputs: Inputs) -> Inputs:
         """The inputs as they would be after this change."""
@@ -181,12 +208,17 @@ class Change:
             case "graphql_limit":
                 return inputs._replace(graphql_limit=int(value))
             case "interval":
-                groups = tuple(
-                    g._replace(interval=value) if g.policy == self.policy else g
-                    for g in inputs.groups
+                return inputs._replace(
+                    groups=_with_interval(inputs.groups, self.policy, value) or (),
+                    account=_with_interval(inputs.account, self.policy, value),
                 )
-                return inputs._replace(groups=groups)
-        return inputs._replace(groups=_drop_idle(inputs.groups, int(value)))
+        if inputs.account is None:
+            return inputs._replace(groups=_drop_idle(inputs.groups, int(value)))
+        # fewer scripts in all: the leases rebalance, each replica holds that share fewer
+        return inputs._replace(
+            groups=_drop_idle(inputs.groups, int(value) // max(1, inputs.replicas)),
+            account=_drop_idle(inputs.account, int(value)),
+        )
 
 
 Fix = tuple[Change, ...]  # changes made together
@@ -197,15 +229,21 @@ class Plan:
     """The budget plan for one set of inputs."""
 
     inputs: Inputs
-    rest: Budget
+    rest: Budget  # this replica's (the daemon's, alone)
     graphql: Budget
     more_canaries: int  # how many more canaries could start at once, the costliest first
     fixes: tuple[Fix, ...]  # each makes the plan fit; empty when it fits
+    # replicas: the whole account against the token's whole limits (None: a daemon alone)
+    token: tuple[Budget, Budget] | None = None
 
     @property
     def fits(self) -> bool:
-        """Whether both APIs' plans fit."""
-        return self.rest.fits and self.graphql.fits
+        """Whether both APIs' plans fit (this replica's share, and the token's whole)."""
+        return all(b.fits for b in self.all_budgets())
+
+    def all_budgets(self) -> tuple[Budget, ...]:
+        """This replica's budgets, then the token's (replicas only)."""
+        return (self.rest, self.graphql, *(self.token or ()))
 
     @property
     def changes(self) -> list[str]:
@@ -215,17 +253,34 @@ class Plan:
     def summary(self) -> str:
         """The plan in one line, as logged."""
         i = self.inputs
-        canaries = f"{i.live} live canaries of {i.live + i.idle} scripts"
+        held = "" if self.token is None else " held"
+        canaries = f"{i.live} live canaries of {i.live + i.idle} scripts{held}"
         if self.fits:
             canaries += f", {self.more_canaries} more would fit"
         mode = "" if i.account_wide else "; discovery: one read per idle script (fallback)"
-        return f"{self.rest.describe()}; {self.graphql.describe()}; {canaries}{mode}"
+        line = f"{self.rest.describe()}; {self.graphql.describe()}; {canaries}{mode}"
+        if self.token is not None:
+            line += f"; {self.token_summary()}"
+        return line
+
+    def token_summary(self) -> str:
+        """``the token, shared by 3 replicas: REST 384/600, GraphQL 25/200 per 5 min``."""
+        rest, graphql = self.token or budgets(self.inputs)
+        n = self.inputs.replicas
+        who = f"shared by {n} replicas" if n > 1 else "one replica's alone"
+        return f"the token, {who}: REST {rest.numbers()}, GraphQL {graphql.numbers()} per 5 min"
 
     def problem(self) -> str | None:
         """Why the plan does not fit and what to change, or None when it fits."""
         if self.fits:
             return None
         over = [b.describe() for b in (self.rest, self.graphql) if not b.fits]
+        if self.token is not None:
+            share = f"this replica's share (1/{self.inputs.replicas} of the token): "
+            over = [share + text for text in over]
+            token = [f"the token's whole: {b.describe()}" for b in self.token if not b.fits]
+            # the leases balance scripts, not their cost
+            over += token or ["the token's whole fits: this replica holds more than its share"]
         text = f"the Cloudflare budget plan does not fit: {'; '.join(over)}"
         if self.changes:
             return f"{text}; change one of: {' | '.join(self.changes)}"
@@ -236,35 +291,59 @@ class Plan:
 
 
 def budgets(inputs: Inputs) -> tuple[Budget, Budget]:
-    """REST's and GraphQL's plans, part by part (one pass over the groups: the fixes'
-    search computes this a few hundred times)."""
+    """REST's and GraphQL's plans for this replica (the daemon, alone) against its share."""
+    replicas = max(1, inputs.replicas)
+    queriers = 1 if inputs.account is None or inputs.live + inputs.idle else 0
+    return _budgets(inputs, inputs.groups, replicas, queriers)
+
+
+def token_budgets(inputs: Inputs) -> tuple[Budget, Budget] | None:
+    """Every watched script's plans against the token's whole limits (replicas only): a
+    discovery query from each replica holding scripts, an analytics query per interval from
+    each holding such canaries (at most)."""
+    if inputs.account is None:
+        return None
+    scripts = sum(g.live + g.idle for g in inputs.account)
+    return _budgets(inputs, inputs.account, 1, min(max(1, inputs.replicas), scripts))
+
+
+def _budgets(
+    inputs: Inputs, groups: tuple[Group, ...], share: int, queriers: int
+) -> tuple[Budget, Budget]:
+    """REST's and GraphQL's plans for ``groups``, part by part, against 1/``share`` of the
+    limits; ``queriers`` replicas send each account-wide query (one pass over the groups: the
+    fixes' search computes this a few hundred times)."""
     window = WINDOW
     canary_drift = max(inputs.canary_drift, 1.0)
     canary_reads, live, idle = 0.0, 0, 0
-    intervals: set[float] = set()
-    for g in inputs.groups:
+    intervals: dict[float, int] = {}
+    for g in groups:
         if g.live:
             canary_reads += g.live * window / max(g.interval, canary_drift)
             live += g.live
             if g.analytics:
-                intervals.add(g.interval)
+                intervals[g.interval] = intervals.get(g.interval, 0) + g.live
         idle += g.idle
     if inputs.account_wide:
         idle_part = ("idle reads", idle * window / max(inputs.drift, 1.0))
     else:
         idle_part = ("idle discovery reads", idle * window / max(inputs.discovery, 1.0))
+    replicas = max(1, inputs.replicas)
+    # each replica's bucket keeps its share's reserve: the token keeps them all
+    reserve = write_reserve(inputs.rest_limit, replicas=replicas) * replicas / share
     rest = Budget(
         "rest",
-        inputs.rest_limit,
-        write_reserve(inputs.rest_limit),
+        inputs.rest_limit / share,
+        reserve,
         (("canary reads", canary_reads), ("canary writes", WRITES_PER_CANARY * live), idle_part),
     )
-    analytics = sum(window / max(i, 1.0) for i in intervals)
+    # one query per interval from each replica holding such canaries (at most)
+    analytics = sum(window / max(i, 1.0) * min(n, queriers) for i, n in intervals.items())
     graphql = Budget(
         "graphql",
-        inputs.graphql_limit,
+        inputs.graphql_limit / share,
         0.0,  # GraphQL's bucket keeps no reserve: rollbacks are REST calls
-        (("discovery", window / max(inputs.discovery, 1.0)), ("analytics", analytics)),
+        (("discovery", queriers * window / max(inputs.discovery, 1.0)), ("analytics", analytics)),
     )
     return rest, graphql
 
@@ -272,9 +351,10 @@ def budgets(inputs: Inputs) -> tuple[Budget, Budget]:
 def plan(inputs: Inputs) -> Plan:
     """The plan for ``inputs``: the numbers, the room for more canaries, and the fixes."""
     rest, graphql = budgets(inputs)
-    fits = rest.fits and graphql.fits
-    more = _more_canaries(inputs, rest, graphql) if fits else 0
-    return Plan(inputs, rest, graphql, more, () if fits else _fixes(inputs))
+    token = token_budgets(inputs)
+    fits = all(b.fits for b in (rest, graphql, *(token or ())))
+    more = _more_canaries(inputs, (rest, graphql), token) if fits else 0
+    return Plan(inputs, rest, graphql, more, () if fits else _fixes(inputs), token)
 
 
 def from_durations(
@@ -299,68 +379,14 @@ def from_durations(
     )
 
 
-# How to read the plan: docs/configuration.md's section, generated with the rest of that file
-# (coalmine.settings.reference) so that it names what this module computes.
-READING = """\
-## Reading the budget plan
-
-coalmine works out how many Cloudflare requests per 5 minutes it will need for the scripts
-it watches and the canaries live now, and checks them against its limits: at start, after a
-reload (SIGHUP), and whenever a canary starts or ends. Each time it logs one line, event
-`budget plan`, with the fields `plan`, `rest`, `rest_limit`, `graphql`, `graphql_limit`,
-`more_canaries` and `why`. For 1,000 scripts, 50 of them canaries of the runbook, `plan` reads:
-
-```
-REST 384/600 per 5 min (canary reads 125, canary writes 100, idle reads 159, 6 kept for
-rollbacks); GraphQL 15/200 per 5 min (discovery 5, analytics 10); 50 live canaries of 1000
-scripts, 48 more would fit
-```
-
-REST, against `COALMINE_CLOUDFLARE_RATE_LIMIT`:
-
-- *canary reads*: a script with a live canary (running, paused, or in its post-promotion
-  watch) reads its deployment every `analysis.interval` or every
-  `COALMINE_CANARY_DRIFT_INTERVAL`, whichever is longer;
-- *canary writes*: 2 per live canary, a traffic change (step, promotion, rollback) and its
-  read-back;
-- *idle reads*: every other script once per `COALMINE_DRIFT_INTERVAL`. While account-wide
-  discovery is unavailable, *idle discovery reads*: once per `COALMINE_DISCOVERY_INTERVAL`;
-- *kept for rollbacks*: the reserve of the REST token bucket that only writes may take. The
-  plan never counts on it: REST fits when its total is at most the limit less the reserve.
-
-GraphQL, against `COALMINE_CLOUDFLARE_GRAPHQL_RATE_LIMIT`:
-
-- *discovery*: one account-wide query per `COALMINE_DISCOVERY_INTERVAL`;
-- *analytics*: one query for all live canaries with `source: cloudflare` rules per
-  `analysis.interval`, one for each distinct interval among them (two policies at 30s share
-  one, a third at 1m adds another). The schema check at start is one query, not counted.
-
-*N more would fit*: how many idle scripts could start a canary at once with the plan still
-fitting, counting the costliest first.
-
-When the plan does not fit, the line is a warning, `budget plan does NOT fit`, and its
-`change` lists changes that would each make it fit (two joined by "and" go together),
-computed for that moment's scripts and canaries: `raise COALMINE_DRIFT_INTERVAL to 45m (now
-30m)`, `analysis.interval 1m in policy runbook (now 30s)`, `watch 120 fewer idle scripts (now
-950)`, a higher limit when the token has room. Nothing is refused meanwhile; calls wait on the
-token buckets, so deployments are read, canaries judged and new splits adopted late. Until a
-plan fits, `GET /health` is `degraded` with the `cloudflare_budget` check failing and the
-same reason, and its `budget_plan` has the numbers. On `/metrics`:
-`coalmine_cloudflare_budget_planned{api}`, `coalmine_cloudflare_budget_limit{api}`,
-`coalmine_cloudflare_budget_reserve{api}` and `coalmine_cloudflare_budget_more_canaries`; the
-alert `CoalmineBudgetPlanOverLimit` watches them. `coalmine status` ends with one line, e.g.
-`budget: REST 384/600, GraphQL 15/200 per 5 min; 48 more canaries would fit`, or `budget:
-OVER: ...; fix: ...` with the first change. Sizing an account:
-[deploy.md](deploy.md#sizing-an-account).
-"""
-
-
 # ---- How many more canaries fit -------------------------------------------------------------
 
 
-def _more_canaries(inputs: Inputs, rest: Budget, graphql: Budget) -> int:
-    """How many idle scripts could become canaries at once with the plan still fitting, taking
-    the costliest first: so any that many may start."""
+def _more_canaries(
+    inputs: Inputs, mine: tuple[Budget, Budget], token: tuple[Budget, Budget] | None
+) -> int:
+    """How many idle scripts (of this replica's) could become canaries at once with the plan
+    (and the token's) still fitting, taking the costliest first: so any that many may start."""
     window = WINDOW
     idle_cost = window / max(inputs.drift if inputs.account_wide else inputs.discovery, 1.0)
     deltas: list[float] = []
@@ -372,6 +398,13 @@ def _more_canaries(inputs: Inputs, rest: Budget, graphql: Budget) -> int:
     # each new canary may bring at most one new analytics interval: the shortest first
     new = _new_intervals(inputs.groups, live)
     queries = sorted((window / max(g.interval, 1.0) for g in new), reverse=True)
+    # what is left of this replica's share, and of the token's whole (the same spending)
+    return min(_fitting(deltas, queries, pair) for pair in (mine, *([token] if token else [])))
+
+
+def _fitting(deltas: list[float], queries: list[float], budgets: tuple[Budget, Budget]) -> int:
+    """How many of ``deltas`` (REST) and ``queries`` (GraphQL), in order, fit ``budgets``."""
+    rest, graphql = budgets
     rest_left, graphql_left = rest.room - rest.planned, graphql.room - graphql.planned
     more = 0
     for k, delta in enumerate(deltas):
@@ -453,7 +486,10 @@ def _pair(inputs: Inputs, one: _Lever, other: _Lever) -> Fix | None:
 
 def _fits(inputs: Inputs) -> bool:
     rest, graphql = budgets(inputs)
-    return rest.fits and graphql.fits
+    if not (rest.fits and graphql.fits):
+        return False
+    token = token_budgets(inputs)  # replicas: the token's whole must fit too
+    return token is None or (token[0].fits and token[1].fits)
 
 
 def _first(lever: _Lever, good: Callable[[Change], bool], *, bisect: bool = True) -> Change | None:
@@ -479,20 +515,22 @@ def _first(lever: _Lever, good: Callable[[Change], bool], *, bisect: bool = True
 
 def _levers(inputs: Inputs) -> Iterator[_Lever]:
     """Each thing an operator can change, in the order they would try it."""
+    watched = inputs.watched  # replicas: the settings and policies are every replica's
+    idle, live = sum(g.idle for g in watched), sum(g.live for g in watched)
     if not inputs.account_wide:
         yield _Lever("account_wide", (1.0,))
-    if inputs.account_wide and inputs.idle:
+    if inputs.account_wide and idle:
         yield _ladder("drift", inputs.drift)
     yield _ladder("discovery", inputs.discovery)
-    if inputs.live:
+    if live:
         yield _ladder("canary_drift", inputs.canary_drift)
-    for g in sorted(inputs.groups, key=lambda g: g.policy):
-        if g.live:
-            yield _ladder("interval", g.interval, g.policy)
+    for policy in sorted({g.policy for g in watched if g.live}):
+        interval = next(g.interval for g in watched if g.policy == policy and g.live)
+        yield _ladder("interval", interval, policy)
     yield _limits("rest_limit", inputs.rest_limit, REST_MAX)
     yield _limits("graphql_limit", inputs.graphql_limit, GRAPHQL_MAX)
-    if inputs.idle:
-        yield _Lever("fewer_idle", range(1, inputs.idle + 1))
+    if idle:
+        yield _Lever("fewer_idle", range(1, idle + 1))
 
 
 def _ladder(kind: ChangeKind, now: float, policy: str | None = None) -> _Lever:
@@ -505,6 +543,15 @@ def _limits(kind: ChangeKind, now: int, most: int) -> _Lever:
     if now < most:
         steps.append(float(most))
     return _Lever(kind, steps)
+
+
+def _with_interval(
+    groups: tuple[Group, ...] | None, policy: str | None, interval: float
+) -> tuple[Group, ...] | None:
+    """``groups`` with ``policy``'s analysis.interval at ``interval``."""
+    if groups is None:
+        return None
+    return tuple(g._replace(interval=interval) if g.policy == policy else g for g in groups)
 
 
 def _drop_idle(groups: tuple[Group, ...], count: int) -> tuple[Group, ...]:
@@ -522,6 +569,11 @@ def _drop_idle(groups: tuple[Group, ...], count: int) -> tuple[Group, ...]:
 
 def _count(n: float) -> str:
     return str(math.ceil(n - 1e-9))
+
+
+def limit_text(limit: float) -> str:
+    """A limit or a replica's share of it: ``600``, ``66.7``."""
+    return str(round(limit)) if abs(limit - round(limit)) < 0.05 else f"{limit:.1f}"
 
 
 def _duration(seconds: float) -> str:

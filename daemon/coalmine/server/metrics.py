@@ -185,20 +185,36 @@ class Metrics:
         self.budget_planned = Gauge(
             "coalmine_cloudflare_budget_planned",
             "Cloudflare requests per 5 minutes the budget plan needs for the scripts watched and"
-            " the canaries live now, per API budget (rest, graphql).",
+            " the canaries live now, per API budget (rest, graphql); replicas: the scripts this"
+            " replica holds.",
             ["api"],
             registry=registry,
         )
         self.budget_limit = Gauge(
             "coalmine_cloudflare_budget_limit",
-            "The configured Cloudflare limit per 5 minutes, per API budget (rest, graphql); the"
-            " plan fits when planned stays under it (REST: less the rollbacks' reserve).",
+            "The configured Cloudflare limit per 5 minutes, per API budget (rest, graphql);"
+            " replicas: this replica's share of it, the limit over the live replicas. The plan"
+            " fits when planned stays under it (REST: less the rollbacks' reserve).",
             ["api"],
             registry=registry,
         )
         self.budget_reserve = Gauge(
             "coalmine_cloudflare_budget_reserve",
             "Cloudflare requests per API budget kept for rollbacks: never planned.",
+            ["api"],
+            registry=registry,
+        )
+        self.budget_token_planned = Gauge(
+            "coalmine_cloudflare_budget_token_planned",
+            "The budget plan of every watched script, whichever replica holds it, per API budget:"
+            " what the Cloudflare token spends in all (alone: the same as planned).",
+            ["api"],
+            registry=registry,
+        )
+        self.budget_token_limit = Gauge(
+            "coalmine_cloudflare_budget_token_limit",
+            "The configured Cloudflare limit per 5 minutes, per API budget: the token's whole,"
+            " which the live replicas share.",
             ["api"],
             registry=registry,
         )
@@ -215,6 +231,9 @@ class Metrics:
             self.budget_planned.labels(budget.api).set(round(budget.planned, 1))
             self.budget_limit.labels(budget.api).set(budget.limit)
             self.budget_reserve.labels(budget.api).set(round(budget.reserve, 1))
+        for budget in plan.token or (plan.rest, plan.graphql):
+            self.budget_token_planned.labels(budget.api).set(round(budget.planned, 1))
+            self.budget_token_limit.labels(budget.api).set(budget.limit)
         self.budget_more_canaries.set(plan.more_canaries)
 
     def watch_budgets(self, budgets: Mapping[str, Budget]) -> None:

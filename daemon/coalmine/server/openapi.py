@@ -203,7 +203,19 @@ def _schemas() -> dict[str, Any]:
                     "items": string,
                     "description": "when it does not fit: each would make it fit",
                 },
-            }
+            },
+            {
+                "replicas": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "replicas only: the live replicas sharing the token",
+                },
+                "token": {
+                    **_object({"rest": _ref("BudgetPart"), "graphql": _ref("BudgetPart")}),
+                    "description": "replicas only: every watched script against the token's"
+                    " whole limits",
+                },
+            },
         ),
         "BudgetPart": _object(
             {
@@ -212,7 +224,11 @@ def _schemas() -> dict[str, Any]:
                     "minimum": 0,
                     "description": "Cloudflare requests per 5 minutes the plan needs",
                 },
-                "limit": {"type": "integer", "minimum": 1},
+                "limit": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "description": "replicas: this replica's share of the limit",
+                },
                 "reserve": {
                     "type": "number",
                     "minimum": 0,
