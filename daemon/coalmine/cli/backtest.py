@@ -53,8 +53,8 @@ class Query:
             f"query_range start={format_time(start)} end={format_time(end)} "
             f"step={step.total_seconds():g}s"
             if self.source in PROMQL_SOURCES
-            else f"each tick's window from rows of {format_time(start)} to {format_time(end)}"
-            " (fetched first, in as few GraphQL queries as Cloudflare's limits allow)"
+            else f"ticks from {format_time(start)} to {format_time(end)}, each window read from"
+            " rows fetched first, in as few GraphQL queries as Cloudflare's limits allow"
         )
         return f"{self.rule} [{self.role}] {self.source} {self.part}, {where}:\n  {self.text}"
 
