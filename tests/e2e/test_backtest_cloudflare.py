@@ -24,7 +24,7 @@ from coalmine.engine import Deployment, Observation
 from coalmine.engine.model import Role
 from coalmine.policy import Policy, Rule
 from coalmine.simulator import AnalyticsLimits, Behaviour, RateLimits, Simulator, VirtualClock
-from coalmine.simulator.graphql import MAX_ROWS
+from coalmine.simulator.graphql import MAX_ROWS, error_body
 from coalmine.sources import Source, Target
 from coalmine.sources.cloudflare import CloudflareAnalytics
 from coalmine.sources.cloudflare_history import CloudflareHistory, Limits, plan
@@ -256,6 +256,25 @@ async def test_every_window_is_answered_as_the_per_tick_path_answers_it(
     assert any(d.action == "rollback" for d in per_tick.decisions)
     if analytics.max_page_size == 60:
         assert history.queries == 4  # 99 minutes in ranges of 29 (under 60 rows of 2 versions)
+
+
+@pytest.mark.anyio
+async def test_without_the_settings_node_the_default_limits_apply() -> None:
+    """Cloudflare does not answer the dataset's settings: the backtest says so and asks for at
+    most a day and 10,000 rows a query, and every window is still measured."""
+    policy = make_policy(POLICY)
+    world = make_world(3)
+    lines: list[str] = []
+    async with serving(world) as http:
+        history = CloudflareHistory(world.client(http), world.sim.account_id, report=lines.append)
+        world.sim.cloudflare.inject(
+            path="/client/v4/graphql", status=200, body=error_body("unknown field settings")
+        )
+        result = await backtest(history, policy, world, http, 2)
+    assert "the dataset's limits are unknown (GraphQL error: unknown field settings" in lines[0]
+    assert history.limits == Limits(source="defaults: the settings node did not say")
+    assert (history.queries, history.failed) == (1, 0)
+    assert all(v is not None for _, v in result.series["exceptions"]["canary"])
 
 
 @pytest.mark.anyio
