@@ -246,7 +246,8 @@ async def test_every_window_is_answered_as_the_per_tick_path_answers_it(
         expected = await answers(live, policy, same, times)
         per_tick = await backtest(live, policy, same, http, 1.5)  # on the answers just seen
     async with serving(world) as http:
-        history = CloudflareHistory(world.client(http), world.sim.account_id)
+        lines: list[str] = []
+        history = CloudflareHistory(world.client(http), world.sim.account_id, report=lines.append)
         ranged = await backtest(history, policy, world, http, 1.5)
         got = await answers(history, policy, world, times)
     assert got == expected
@@ -254,6 +255,7 @@ async def test_every_window_is_answered_as_the_per_tick_path_answers_it(
     assert sum(1 for o in expected if o.error is None) > len(expected) / 2
     assert ranged.decisions == per_tick.decisions
     assert any(d.action == "rollback" for d in per_tick.decisions)
+    assert ("sampled, as few as 1 in 10 kept" in lines[-1]) == (analytics.sample_interval == 10)
     if analytics.max_page_size == 60:
         assert history.queries == 4  # 99 minutes in ranges of 29 (under 60 rows of 2 versions)
 

@@ -17,6 +17,12 @@ rules, waiting up to :data:`MAX_WAIT` for the GraphQL budget (a backtest has no 
 whatever still fails makes every window that touches its range inconclusive, with the reason.
 An answer that fills the page may have been cut short: its range is asked again in halves (at
 most :data:`MAX_SPLITS` times), and what is still full is inconclusive, never truncated.
+
+Cloudflare picks a sampling resolution per query (its adaptive bit rate: by range, rows and
+load), so a day-long query may keep fewer invocations than the live five-minute ones did. Each
+row says its own ``sampleInterval`` and is read as the live source reads it: values from the
+estimates, sample counts from what was kept, so a coarser answer can only make a window less
+conclusive (``min_samples``), never more; the fetch report says how coarse it was.
 """
 
 from __future__ import annotations
@@ -139,8 +145,10 @@ class CloudflareHistory:
             self.rows - before[1],
             self.failed - before[2],
         )
+        sampled = max((r.sample_interval for h in self._rows.values() for r in h.rows), default=1)
         self._report(
             f"cloudflare: fetched {rows} rows in {queries} quer{'y' if queries == 1 else 'ies'}"
+            + (f"; sampled, as few as 1 in {sampled:g} kept" if sampled > 1 else "")
             + (f"; {failed} failed: the windows they cover are inconclusive" if failed else "")
         )
 
