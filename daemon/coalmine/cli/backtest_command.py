@@ -102,6 +102,7 @@ def _cloudflare(
         token=settings.cloudflare_api_token.get_secret_value(),
         limiter=TokenBucket(settings.cloudflare_rate_limit, clock=time.monotonic),
         graphql_limiter=TokenBucket(settings.cloudflare_graphql_rate_limit, clock=time.monotonic),
+        timeout=60.0,  # a day of rows is a larger answer than a tick's window
     )
 
 
