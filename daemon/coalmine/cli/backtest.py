@@ -3,12 +3,14 @@
 For every evaluation time from ``--from`` to ``--to`` at the policy's ``analysis.interval``, each
 canary rule's value is read for the canary and the stable version: Prometheus (or Grafana's
 proxy) rules with one ``query_range`` per query and version, stepped at the interval, so each
-point is exactly what an instant query at that tick would have answered; Cloudflare rules through
-the live source, one call per tick. The versions and the starting split come from the script's
-Cloudflare deployments in the range (the first one that splits traffic), or from ``--canary`` and
-``--stable`` (then the canary starts at the first step's weight at ``--from``). The engine's own
-traffic decisions are applied to the replayed split at once; later real deployments are ignored
-(the backtest asks what *this policy* would have done).
+point is exactly what an instant query at that tick would have answered; Cloudflare rules from
+the per-minute rows of the whole range, fetched first in as few GraphQL queries as Cloudflare's
+limits allow (:class:`~coalmine.sources.cloudflare_history.CloudflareHistory`), each tick's
+window then read from them as the live source reads its own. The versions and the starting
+split come from the script's Cloudflare deployments in the range (the first one that splits
+traffic), or from ``--canary`` and ``--stable`` (then the canary starts at the first step's
+weight at ``--from``). The engine's own traffic decisions are applied to the replayed split at
+once; later real deployments are ignored (the backtest asks what *this policy* would have done).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from coalmine.engine.model import Role, format_time
 from coalmine.errors import ConfigError, RemoteError
 from coalmine.policy import Policy, Rule
 from coalmine.sources import Source, Target
+from coalmine.sources.cloudflare_history import CloudflareHistory
 from coalmine.sources.promql import render
 
 PROMQL_SOURCES = ("prometheus", "grafana")
@@ -50,7 +53,8 @@ class Query:
             f"query_range start={format_time(start)} end={format_time(end)} "
             f"step={step.total_seconds():g}s"
             if self.source in PROMQL_SOURCES
-            else f"per tick from {format_time(start)} to {format_time(end)}"
+            else f"ticks from {format_time(start)} to {format_time(end)}, each window read from"
+            " rows fetched first, in as few GraphQL queries as Cloudflare's limits allow"
         )
         return f"{self.rule} [{self.role}] {self.source} {self.part}, {where}:\n  {self.text}"
 
@@ -141,6 +145,10 @@ async def run_backtest(
     assert split.canary is not None
     result = Backtest(policy, script, start, end, split, [])
     observations: dict[datetime, list[Observation]] = {t: [] for t in times}
+    for name, history in sources.items():
+        if isinstance(history, CloudflareHistory):  # its rows first, in as few queries as may be
+            rules = [r for r in policy.rules if r.source == name and "canary" in r.phases]
+            await history.load(script, (split.canary, split.stable), rules, times)
     for rule in policy.rules:
         if "canary" not in rule.phases:
             continue

@@ -21,7 +21,7 @@ from coalmine.errors import ConfigError
 from coalmine.policy import Policy
 from coalmine.settings import Settings
 from coalmine.sources import Source
-from coalmine.sources.cloudflare import CloudflareAnalytics
+from coalmine.sources.cloudflare_history import CloudflareHistory
 
 _VERDICTS = {PROMOTED: "promoted", ROLLED_BACK: "rolled back"}
 
@@ -51,12 +51,10 @@ async def backtest_command(
             assert cloudflare is not None
             given, began = await find_split(cloudflare, script, start, end)
         sources: dict[str, Source] = {}
-        if cloudflare is not None and settings.cloudflare_account_id:
-            windows = [r.window for r in policy.rules if r.source == "cloudflare"]
-            if windows:
-                sources["cloudflare"] = CloudflareAnalytics(
-                    cloudflare, settings.cloudflare_account_id, longest_window=max(windows)
-                )
+        account = settings.cloudflare_account_id
+        cloudflare_rules = any(r.source == "cloudflare" for r in policy.rules)
+        if cloudflare is not None and account and cloudflare_rules:
+            sources["cloudflare"] = CloudflareHistory(cloudflare, account, report=_progress)
         url = settings.prometheus_url
         if url is None and settings.grafana_url and settings.grafana_datasource_uid:
             uid = settings.grafana_datasource_uid
@@ -103,4 +101,10 @@ def _cloudflare(
         account_id=settings.cloudflare_account_id,
         token=settings.cloudflare_api_token.get_secret_value(),
         limiter=TokenBucket(settings.cloudflare_rate_limit, clock=time.monotonic),
+        graphql_limiter=TokenBucket(settings.cloudflare_graphql_rate_limit, clock=time.monotonic),
+        timeout=60.0,  # a day of rows is a larger answer than a tick's window
     )
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -204,14 +204,19 @@ class CloudflareClient:
             result = await self._call("POST", url, json=body, params={"force": "true"}, kind=kind)
         return _deployment(result)
 
-    async def graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
-        """Run a GraphQL query; errors inside a 200 raise :class:`CloudflareError`."""
+    async def graphql(
+        self, query: str, variables: dict[str, Any], *, max_wait: float = GRAPHQL_MAX_WAIT
+    ) -> dict[str, Any]:
+        """Run a GraphQL query; errors inside a 200 raise :class:`CloudflareError`. It waits at
+        most ``max_wait`` seconds for its budget (a backtest, which no tick waits on, may wait
+        out Cloudflare's block)."""
         body = await self._request(
             "POST",
             f"{self._base}/graphql",
             json={"query": query, "variables": variables},
             kind="read",
             limiter=self._graphql_limiter,
+            max_wait=max_wait,
         )
         if not isinstance(body, dict):
             raise CloudflareError("malformed GraphQL answer: not an object")
@@ -251,12 +256,13 @@ class CloudflareClient:
         *,
         kind: Kind,
         limiter: TokenBucket | None = None,
+        max_wait: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        bucket = limiter or self._limiter
         # an analytics query does not wait out a long 429 inside a tick (its answer would be
-        # stale by then): it is inconclusive now and asked again at the next tick
-        max_wait = GRAPHQL_MAX_WAIT if bucket is self._graphql_limiter else None
+        # stale by then): it is inconclusive now and asked again at the next tick (GraphQL's
+        # max_wait); REST calls wait for their budget
+        bucket = limiter or self._limiter
 
         async def attempt() -> Any:
             try:

@@ -8,8 +8,9 @@ extensions{code}}]}``. Introspection (``__type``, ``__schema``) works as on any 
 
 ``workersInvocationsAdaptive`` reports rows grouped by the dimensions the query selects
 (per minute and version, as coalmine asks, by default), honouring ``limit`` (at most
-:data:`MAX_ROWS`), the filter's time range (``datetime_geq``/``_gt`` to ``_lt``/``_leq``),
-``scriptName``/``_in`` and ``scriptVersion``/``_in``, and ``orderBy`` on the time. A range
+``AnalyticsLimits.max_page_size``, :data:`MAX_ROWS` by default), the filter's time range
+(``datetime_geq``/``_gt`` to ``_lt``/``_leq``), ``scriptName``/``_in`` and
+``scriptVersion``/``_in``, and ``orderBy`` on the time. A range
 too long or too old is a 400; only minutes complete and older than the data delay are
 reported. With ``AnalyticsLimits.sample_interval`` above 1 the data is sampled as Cloudflare's
 adaptive datasets are: one invocation in ``k`` is kept, counts are reported as estimates
@@ -56,6 +57,7 @@ class AnalyticsLimits:
     delay: timedelta = timedelta(0)  # minutes younger than this are not reported yet
     max_duration: timedelta = timedelta(days=1)  # the longest range one query may ask for
     not_older_than: timedelta = timedelta(days=31)  # how far back data is kept
+    max_page_size: int = MAX_ROWS  # the largest `limit` accepted
     sample_interval: int = 1  # 1: every invocation; k: one in k, counts reported k times kept
 
 
@@ -234,7 +236,7 @@ def _settings(limits: AnalyticsLimits) -> dict[str, Any]:
     return {
         "enabled": True,
         "maxDuration": int(limits.max_duration.total_seconds()),
-        "maxPageSize": MAX_ROWS,
+        "maxPageSize": limits.max_page_size,
         "notOlderThan": int(limits.not_older_than.total_seconds()),
     }
 
@@ -247,8 +249,10 @@ def _groups(
     filter: dict[str, Any] | None = None,
     orderBy: list[str] | None = None,  # Cloudflare's argument name
 ) -> list[dict[str, Any]]:
-    if limit > MAX_ROWS:
-        raise GraphQLError(f"limit must be at most {MAX_ROWS}", extensions={"code": "QUOTA"})
+    if limit > limits.max_page_size:
+        raise GraphQLError(
+            f"limit must be at most {limits.max_page_size}", extensions={"code": "QUOTA"}
+        )
     where = filter or {}
     start = where.get("datetime_geq") or where.get("datetime_gt")
     end = where.get("datetime_lt") or where.get("datetime_leq")

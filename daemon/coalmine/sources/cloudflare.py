@@ -96,16 +96,18 @@ def schema_page(problem: str) -> NewNotification:
     return NewNotification("pagerduty", event, key)
 
 
-def query_for(quantiles: Iterable[str] = _QUANTILES.values(), *, batched: bool = False) -> str:
+def query_for(
+    quantiles: Iterable[str] = _QUANTILES.values(), *, batched: bool = False, limit: int = MAX_ROWS
+) -> str:
     """coalmine's analytics query, asking for these quantiles (Cloudflare's names) only, for
-    one script or (``batched``) rows of several, by script."""
+    one script or (``batched``) rows of several, by script, at most ``limit`` rows."""
     wanted = " ".join(sorted(set(quantiles)))
     asked = f"\n      quantiles {{ {wanted} }}" if wanted else ""
     by = "datetimeMinute scriptName scriptVersion" if batched else "datetimeMinute scriptVersion"
     return f"""
 query CoalmineCanary($accountTag: string!, $filter: {FILTER_TYPE}) {{
   viewer {{ accounts(filter: {{accountTag: $accountTag}}) {{
-    workersInvocationsAdaptive(limit: 10000, filter: $filter) {{
+    workersInvocationsAdaptive(limit: {limit}, filter: $filter) {{
       sum {{ requests errors }}{asked}
       avg {{ sampleInterval }}
       dimensions {{ {by} }}
@@ -204,9 +206,7 @@ class CloudflareAnalytics:
 
     def window(self, rule: Rule, at: datetime) -> tuple[datetime, datetime]:
         """The closed window judged at ``at``: whole minutes ending ``delay`` before it."""
-        end = (at - self._delay).replace(second=0, microsecond=0)
-        minutes = max(1, math.ceil(rule.window.total_seconds() / 60))
-        return end - timedelta(minutes=minutes), end
+        return closed_window(rule, at, self._delay)
 
     async def fetch(self, rule: Rule, target: Target, at: datetime) -> Observation:
         """The rule's signal for the target version; failures are inconclusive."""
@@ -239,28 +239,8 @@ class CloudflareAnalytics:
         assert rule.signal is not None
         if query.error is not None:
             return Observation(rule.name, target.role, None, None, query.error)
-        rows = [r for r in query.of(target.script, target.version) if start <= r.minute < end]
-        if rule.compare is not None:
-            # counts, for the canary-vs-stable test: a version idle in the window counts 0 of 0;
-            # sampled windows count what was kept, not the estimates
-            requests = sum(r.kept[0] for r in rows)
-            errors = sum(r.kept[1] for r in rows)
-            rate = errors / requests if requests else None
-            return Observation(
-                rule.name, target.role, rate, requests, events=errors, span=(start, end)
-            )
-        if not any(r.requests > 0 for r in rows):
-            # no requests from this version in the window: nothing was measured
-            window = f"{format_time(start)} .. {format_time(end)}"
-            why = f"no data: no requests from {target.version} in {window}"
-            return Observation(rule.name, target.role, None, 0.0, why)
-        minutes = (end - start).total_seconds() / 60
-        try:
-            value, samples = _signal(rule.signal, rows, minutes)
-        except KeyError as exc:
-            why = f"analytics answer lacks {exc.args[0]} (a field Cloudflare does not document)"
-            return Observation(rule.name, target.role, None, None, why)
-        return Observation(rule.name, target.role, value, samples)
+        # the rows of this script's version only (indexed once per answer)
+        return observe(rule, target, (start, end), query.of(target.script, target.version))
 
     async def _rows(self, target: Target, end: datetime) -> _Query:
         versions = tuple(sorted({target.canary, target.stable}))
@@ -277,7 +257,7 @@ class CloudflareAnalytics:
             query.rows = await self._ask(query.covers, end)
         except CloudflareError as exc:
             query.error = str(exc)
-        except _Malformed as exc:
+        except Malformed as exc:
             query.error = f"malformed analytics answer: {exc}"
         except BaseException:
             # cancelled (a fetch timeout) or a bug: never leave an empty answer behind
@@ -324,7 +304,7 @@ class CloudflareAnalytics:
         data = await self._client.graphql(
             self.query if only is not None else self.batch_query, variables
         )
-        return _parse(data, only)
+        return parse_rows(data, only)
 
     def _forget_older(self, end: datetime) -> None:
         for key in sorted(self._queries)[:-2]:
@@ -336,21 +316,26 @@ class CloudflareAnalytics:
             del self._wanted[script]
 
 
-class _Malformed(Exception):
-    pass
+class Malformed(Exception):
+    """An analytics answer that does not have the shape the query asked for."""
 
 
-def _parse(data: dict[str, Any], script: str | None = None) -> list[Row]:
-    """The rows of an answer; without ``script`` (a batch) each row names its script."""
+class FullPage(Malformed):
+    """An answer of as many rows as the query's limit: it may have been cut short."""
+
+
+def parse_rows(data: dict[str, Any], script: str | None = None, limit: int = MAX_ROWS) -> list[Row]:
+    """The rows of an answer; without ``script`` (a batch) each row names its script. An
+    answer that fills the page (``limit`` rows) raises :class:`FullPage`."""
     try:
         accounts = data["viewer"]["accounts"]
         groups = accounts[0]["workersInvocationsAdaptive"] if accounts else []
     except (KeyError, TypeError, IndexError):
-        raise _Malformed("no viewer.accounts[0].workersInvocationsAdaptive") from None
+        raise Malformed("no viewer.accounts[0].workersInvocationsAdaptive") from None
     if not isinstance(groups, list):
-        raise _Malformed("workersInvocationsAdaptive is not a list")
-    if len(groups) >= MAX_ROWS:
-        raise _Malformed(f"{len(groups)} rows: a full page may have been cut short")
+        raise Malformed("workersInvocationsAdaptive is not a list")
+    if len(groups) >= limit:
+        raise FullPage(f"{len(groups)} rows: a full page may have been cut short")
     rows = []
     for group in groups:
         try:
@@ -370,7 +355,7 @@ def _parse(data: dict[str, Any], script: str | None = None) -> list[Row]:
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise _Malformed(f"bad row ({type(exc).__name__}: {exc})") from None
+            raise Malformed(f"bad row ({type(exc).__name__}: {exc})") from None
     return rows
 
 
@@ -430,6 +415,47 @@ def missing_fields(
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def closed_window(rule: Rule, at: datetime, delay: timedelta) -> tuple[datetime, datetime]:
+    """The closed window judged at ``at``: the rule's window in whole minutes, ending ``delay``
+    before ``at`` (rounded down to the minute)."""
+    end = (at - delay).replace(second=0, microsecond=0)
+    minutes = max(1, math.ceil(rule.window.total_seconds() / 60))
+    return end - timedelta(minutes=minutes), end
+
+
+def observe(
+    rule: Rule, target: Target, window: tuple[datetime, datetime], rows: Iterable[Row]
+) -> Observation:
+    """The rule's observation of the target version over ``window``, from rows that may hold
+    other versions, scripts and minutes (the live source's and the backtest's one reading)."""
+    assert rule.signal is not None
+    start, end = window
+    mine = [
+        r
+        for r in rows
+        if r.version == target.version and r.script == target.script and start <= r.minute < end
+    ]
+    if rule.compare is not None:
+        # counts, for the canary-vs-stable test: a version idle in the window counts 0 of 0;
+        # sampled windows count what was kept, not the estimates
+        requests = sum(r.kept[0] for r in mine)
+        errors = sum(r.kept[1] for r in mine)
+        rate = errors / requests if requests else None
+        return Observation(rule.name, target.role, rate, requests, events=errors, span=window)
+    if not any(r.requests > 0 for r in mine):
+        # no requests from this version in the window: nothing was measured
+        span = f"{format_time(start)} .. {format_time(end)}"
+        why = f"no data: no requests from {target.version} in {span}"
+        return Observation(rule.name, target.role, None, 0.0, why)
+    minutes = (end - start).total_seconds() / 60
+    try:
+        value, samples = _signal(rule.signal, mine, minutes)
+    except KeyError as exc:
+        why = f"analytics answer lacks {exc.args[0]} (a field Cloudflare does not document)"
+        return Observation(rule.name, target.role, None, None, why)
+    return Observation(rule.name, target.role, value, samples)
 
 
 def _signal(signal: str, rows: list[Row], minutes: float) -> tuple[float | None, float]:
