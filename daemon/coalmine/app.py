@@ -178,7 +178,7 @@ class Daemon:
                 self.shared.public_url = _listen_url(host, bound)
             if self.leases is None:
                 for loop in self.loops.values():
-                    await self.shared.actuator.reconcile(loop.script)
+                    await loop.reconcile()
                 tg.start_soon(self.outbox.run)
             else:  # each holder reconciles its own scripts as it takes them
                 tg.start_soon(self.keep_leases)
