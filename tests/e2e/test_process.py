@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -170,3 +171,25 @@ async def test_sigkill_mid_canary_resumes_at_the_same_step(tmp_path: Path) -> No
             assert store.verify_journal().ok
             assert store.open_intents() == []
             assert store.states()["api"]["canary_percent"] == 50
+
+
+async def test_a_listen_address_already_taken_is_a_clear_error_not_a_bug(tmp_path: Path) -> None:
+    """A port another process listens on: exit 2 naming COALMINE_LISTEN and the cause, not
+    "internal error" (exit 70), before any tick."""
+    async with simulated(tmp_path) as (sim, env):
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            env["COALMINE_LISTEN"] = f"127.0.0.1:{taken.getsockname()[1]}"
+            ran = await anyio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [sys.executable, "-m", "coalmine", "run"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+            )
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert f"coalmine: COALMINE_LISTEN {env['COALMINE_LISTEN']}: cannot listen" in ran.stderr
+    assert "Address already in use" in ran.stderr and "internal error" not in ran.stderr
+    assert sim.deployment_posts("api") == []
