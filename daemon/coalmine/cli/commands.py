@@ -421,7 +421,7 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.format, offline=args.offline)
 
 
-def sole(error: BaseException) -> BaseException:
+def _sole(error: BaseException) -> BaseException:
     """The one exception inside (nested) exception groups of one, else ``error`` itself."""
     while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
         error = error.exceptions[0]
@@ -435,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return int(args.handler(args))
         except BaseExceptionGroup as group:  # what a task raised, wrapped by its task group
-            raise sole(group) from None
+            raise _sole(group) from None
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
