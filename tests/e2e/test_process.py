@@ -66,7 +66,7 @@ def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 async def wait_for(
-    predicate: object, log: Path, seconds: float = 90.0, seen: object = None
+    predicate: object, seconds: float = 90.0, *, log: Path | None = None, seen: object = None
 ) -> None:
     """Poll an async predicate until true, with a deadline; failing, show what it last saw
     and the daemon's log (the failure message is what a CI machine keeps)."""
@@ -74,7 +74,7 @@ async def wait_for(
         while not await predicate():  # type: ignore[operator]
             await anyio.sleep(0.1)
         return
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    lines = log.read_text(errors="replace").splitlines() if log and log.exists() else []
     raise AssertionError(
         f"not true within {seconds:g}s; last seen {seen}; the daemon's log:\n" + "\n".join(lines)
     )
@@ -106,7 +106,7 @@ async def test_run_serves_endpoints_takes_commands_and_stops_on_sigterm(tmp_path
     async with simulated(tmp_path) as (_, env):
         process = start(env, tmp_path / "run.log")
         try:
-            await wait_for(lambda: at_percent(env, 50), tmp_path / "run.log")
+            await wait_for(lambda: at_percent(env, 50), log=tmp_path / "run.log")
             async with httpx.AsyncClient() as client:
                 assert (await client.get(url(env) + "/readyz")).status_code == 200
                 metrics = (await client.get(url(env) + "/metrics")).text
@@ -150,13 +150,13 @@ async def test_sigkill_mid_canary_resumes_at_the_same_step(tmp_path: Path) -> No
     async with simulated(tmp_path) as (sim, env):
         process = start(env, tmp_path / "run.log")
         try:
-            await wait_for(lambda: at_percent(env, 50), tmp_path / "run.log")
+            await wait_for(lambda: at_percent(env, 50), log=tmp_path / "run.log")
         finally:
             process.kill()
             await anyio.to_thread.run_sync(process.wait)
         process = start(env, tmp_path / "run.log")
         try:
-            await wait_for(lambda: at_percent(env, 50), tmp_path / "run.log")
+            await wait_for(lambda: at_percent(env, 50), log=tmp_path / "run.log")
 
             seen: dict[str, object] = {}
 
@@ -172,7 +172,7 @@ async def test_sigkill_mid_canary_resumes_at_the_same_step(tmp_path: Path) -> No
                     and health["checks"]["cloudflare"]["latency_ms"] is not None  # type: ignore[index]
                 )
 
-            await wait_for(applied_and_ticked_again, tmp_path / "run.log", seen=seen)
+            await wait_for(applied_and_ticked_again, log=tmp_path / "run.log", seen=seen)
         finally:
             process.send_signal(signal.SIGTERM)
             await anyio.to_thread.run_sync(lambda: process.wait(timeout=30))
