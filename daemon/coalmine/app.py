@@ -169,16 +169,20 @@ class Daemon:
         """
         host, port = self.settings.listen_address
         async with anyio.create_task_group() as tg:
-            bound = await tg.start(
-                lambda task_status: serve(
-                    self.api, host, port, task_status=task_status, on_accept=self.accepting
+            try:
+                bound = await tg.start(
+                    lambda task_status: serve(
+                        self.api, host, port, task_status=task_status, on_accept=self.accepting
+                    )
                 )
-            )
+            except OSError as exc:  # taken, or not an address of this host: not a bug
+                why = exc.strerror or str(exc)
+                raise ConfigError(f"COALMINE_LISTEN {host}:{port}: cannot listen: {why}") from None
             if self.settings.public_url is None:  # links in pages: the port actually bound
                 self.shared.public_url = _listen_url(host, bound)
             if self.leases is None:
                 for loop in self.loops.values():
-                    await self.shared.actuator.reconcile(loop.script)
+                    await loop.reconcile()
                 tg.start_soon(self.outbox.run)
             else:  # each holder reconciles its own scripts as it takes them
                 tg.start_soon(self.keep_leases)

@@ -314,6 +314,12 @@ class ScriptLoop:
         async with self._shared.reads:
             return await self._shared.cloudflare.current(self.script)
 
+    async def reconcile(self) -> None:
+        """At start, apply what a crash left open as a tick does: a change applied now counts
+        its step's hold from now, one refused for good is withdrawn (the first tick retries)."""
+        with suppress(StoreError):  # logged by the tick that meets it again
+            await self._apply_pending(self._shared.clock())
+
     async def _apply_pending(self, now: datetime) -> bool:
         """Apply open traffic intents; True when one is still not applied (paged after a while)."""
         shared = self._shared

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -64,11 +65,19 @@ def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-async def wait_for(predicate: object, seconds: float = 90.0) -> None:
-    """Poll an async predicate until true, with a deadline."""
-    with anyio.fail_after(seconds):
+async def wait_for(
+    predicate: object, seconds: float = 90.0, *, log: Path | None = None, seen: object = None
+) -> None:
+    """Poll an async predicate until true, with a deadline; failing, show what it last saw
+    and the daemon's log (the failure message is what a CI machine keeps)."""
+    with anyio.move_on_after(seconds):
         while not await predicate():  # type: ignore[operator]
             await anyio.sleep(0.1)
+        return
+    lines = log.read_text(errors="replace").splitlines() if log and log.exists() else []
+    raise AssertionError(
+        f"not true within {seconds:g}s; last seen {seen}; the daemon's log:\n" + "\n".join(lines)
+    )
 
 
 def url(env: dict[str, str]) -> str:
@@ -97,7 +106,7 @@ async def test_run_serves_endpoints_takes_commands_and_stops_on_sigterm(tmp_path
     async with simulated(tmp_path) as (_, env):
         process = start(env, tmp_path / "run.log")
         try:
-            await wait_for(lambda: at_percent(env, 50))
+            await wait_for(lambda: at_percent(env, 50), log=tmp_path / "run.log")
             async with httpx.AsyncClient() as client:
                 assert (await client.get(url(env) + "/readyz")).status_code == 200
                 metrics = (await client.get(url(env) + "/metrics")).text
@@ -141,18 +150,21 @@ async def test_sigkill_mid_canary_resumes_at_the_same_step(tmp_path: Path) -> No
     async with simulated(tmp_path) as (sim, env):
         process = start(env, tmp_path / "run.log")
         try:
-            await wait_for(lambda: at_percent(env, 50))
+            await wait_for(lambda: at_percent(env, 50), log=tmp_path / "run.log")
         finally:
             process.kill()
             await anyio.to_thread.run_sync(process.wait)
         process = start(env, tmp_path / "run.log")
         try:
-            await wait_for(lambda: at_percent(env, 50))
+            await wait_for(lambda: at_percent(env, 50), log=tmp_path / "run.log")
+
+            seen: dict[str, object] = {}
 
             async def applied_and_ticked_again() -> bool:
                 health = await get_json(env, "/health")
                 with Store(tmp_path / "state.db") as store:
                     settled = store.open_intents() == []
+                seen.update(health=health, settled=settled, posts=sim.deployment_posts("api"))
                 return (
                     settled
                     and bool(sim.deployment_posts("api"))
@@ -160,7 +172,7 @@ async def test_sigkill_mid_canary_resumes_at_the_same_step(tmp_path: Path) -> No
                     and health["checks"]["cloudflare"]["latency_ms"] is not None  # type: ignore[index]
                 )
 
-            await wait_for(applied_and_ticked_again)
+            await wait_for(applied_and_ticked_again, log=tmp_path / "run.log", seen=seen)
         finally:
             process.send_signal(signal.SIGTERM)
             await anyio.to_thread.run_sync(lambda: process.wait(timeout=30))
@@ -170,3 +182,25 @@ async def test_sigkill_mid_canary_resumes_at_the_same_step(tmp_path: Path) -> No
             assert store.verify_journal().ok
             assert store.open_intents() == []
             assert store.states()["api"]["canary_percent"] == 50
+
+
+async def test_a_listen_address_already_taken_is_a_clear_error_not_a_bug(tmp_path: Path) -> None:
+    """A port another process listens on: exit 2 naming COALMINE_LISTEN and the cause, not
+    "internal error" (exit 70), before any tick."""
+    async with simulated(tmp_path) as (sim, env):
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            env["COALMINE_LISTEN"] = f"127.0.0.1:{taken.getsockname()[1]}"
+            ran = await anyio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [sys.executable, "-m", "coalmine", "run"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+            )
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert f"coalmine: COALMINE_LISTEN {env['COALMINE_LISTEN']}: cannot listen" in ran.stderr
+    assert "Address already in use" in ran.stderr and "internal error" not in ran.stderr
+    assert sim.deployment_posts("api") == []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -75,24 +76,36 @@ def coalmine(
 
 
 def test_ship_a_faulty_canary_and_watch_it_roll_back(sandbox: dict[str, str]) -> None:
-    """The printed token and address drive pause (twice) and resume; a shipped fault rolls
-    the canary back and `status --watch` exits 1 (`--at` is left to the unit tests: waiting for
-    a step here would cost the suite 20 s of wall clock)."""
+    """The printed token and address drive pause (twice) and resume; a fault shipped `--at 50%`
+    waits for that step, then rolls the canary back and `status --watch` exits 1.
+
+    The fault waits for 50% so that nothing can end the canary while it is paused: a paused
+    canary does not advance, and rollback triggers act while paused (the daemon promises both),
+    so a fault injected at once could roll it back between the two pauses under load. The one
+    deadline left is the 10% step's 20 s hold, within which the first pause must land (one
+    `coalmine` command after the status poll saw the canary; about a second, several on a
+    loaded machine)."""
     env = {"COALMINE_ADMIN_TOKEN": sandbox["token"], "COALMINE_LISTEN": sandbox["listen"]}
     assert sandbox["token"] == TOKEN
     shipped = coalmine(
-        env, "sandbox", "ship", "demo-worker", "--fault", "error-rate=10%",
+        env, "sandbox", "ship", "demo-worker", "--fault", "error-rate=10%", "--at", "50%",
         "--control", sandbox["control"],
     )  # fmt: skip
     assert shipped.returncode == 0, shipped.stderr
-    assert "fault http_5xx_rate=0.1 now" in shipped.stdout
+    assert "fault http_5xx_rate=0.1 once it reaches 50%" in shipped.stdout
     deadline = time.monotonic() + 30
     while "CANARY" not in coalmine(env, "status").stdout:  # the daemon adopts the split
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert coalmine(env, "pause", "demo-worker", "--reason", "a look").returncode == 0
+    paused = coalmine(env, "pause", "demo-worker", "--reason", "a look")
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+    assert paused.stdout.startswith("pause: paused by an operator"), paused.stdout
     again = coalmine(env, "pause", "demo-worker")
     assert (again.returncode, again.stdout) == (0, "demo-worker: already paused\n")
+    status = coalmine(env, "status", "demo-worker", "--json")
+    assert status.returncode == 0, status.stderr
+    rollout = json.loads(status.stdout)
+    assert (rollout["phase"], rollout["canary_percent"]) == ("paused", 10), rollout
     assert coalmine(env, "resume", "demo-worker").returncode == 0
     watched = coalmine(env, "status", "demo-worker", "--watch", "--every", "0.5")
     assert watched.returncode == 1, watched.stdout + watched.stderr

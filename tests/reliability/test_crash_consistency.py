@@ -50,6 +50,7 @@ DEPLOYMENTS = f"/client/v4/accounts/*/workers/scripts/{SCRIPT}/deployments"
 # a random kill comes this many seconds after the daemon's start, or after it got ready
 FROM_START = (0.3, 1.6)
 FROM_READY = (0.0, 1.2)
+RUN_LINES = 300  # a failure shows up to this many lines of the failing run's output
 TRAFFIC = ("set_traffic", "promote", "rollback")
 HELD = "cloudflare held the deployments POST before applying it"
 APPLIED = "cloudflare applied the deployments POST and held its answer"
@@ -120,6 +121,7 @@ class Crashes:
         self.rng = rng
         self.backend = backend
         self.log = tmp_path / "run.log"
+        self.run_starts = 0  # where the current (or last) run's output begins in the log
         self.kills: list[Kill] = []
         self.process: subprocess.Popen[bytes] | None = None
         self.armed: list[tuple[Service, Injection]] = []
@@ -181,6 +183,16 @@ class Crashes:
             f"{self.summary()}\nlog tail ({self.log}):\n" + "\n".join(tail)
         )
 
+    def run_output(self) -> str:
+        """The whole output of the current (or last) run: a daemon that exited by itself
+        printed why there (a traceback: COALMINE_DEBUG is set), often more than a tail holds."""
+        with self.log.open("rb") as log:
+            log.seek(self.run_starts)
+            lines = log.read().decode(errors="replace").splitlines()
+        if len(lines) > RUN_LINES:
+            lines = [f"... {len(lines) - RUN_LINES} lines left out", *lines[-RUN_LINES:]]
+        return "\n".join(lines)
+
     def summary(self) -> str:
         """Every kill, and how many landed where."""
         counts = Counter(k.where for k in self.kills)
@@ -195,6 +207,17 @@ class Crashes:
         return "\n".join(lines)
 
     # -- starting and killing ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start `coalmine run`, its output appended to the log."""
+        with self.log.open("ab") as out:
+            self.run_starts = out.tell()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "coalmine", "run"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def arm(self, service: Service, path: str, action: Action) -> Injection:
         """Hold the next POST to ``path`` on ``service`` (see the simulator's fault queue)."""
@@ -214,13 +237,7 @@ class Crashes:
         """Start the daemon and SIGKILL it once ``until`` holds (and up to ``then`` seconds
         more), or, ``at_random``, at a random moment (FROM_START or FROM_READY) if sooner.
         Returns whether ``until`` held."""
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "coalmine", "run"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        self.start()
         limit = 30.0
         if at_random and self.rng.random() < 0.5:  # from its start: imports, reconciliation
             limit = self.rng.uniform(*FROM_START)
@@ -246,12 +263,25 @@ class Crashes:
                 return True
         return False
 
+    def _listening(self) -> str | None:
+        """Where this run listens, from its "coalmine started" line (None before it)."""
+        with self.log.open("rb") as log:
+            log.seek(self.run_starts)
+            for line in log.read().decode(errors="replace").splitlines():
+                if '"coalmine started"' in line:
+                    return str(json.loads(line)["listen"])
+        return None
+
     async def _ready(self, until: Callable[[], bool] | None = None) -> None:
-        """Wait until the daemon answers /readyz (or ``until`` holds)."""
-        url = f"http://{self.env['COALMINE_LISTEN']}/readyz"
+        """Wait until the daemon answers /readyz (or ``until`` holds). Each run listens on a
+        port of its own (COALMINE_LISTEN port 0, read from its log): a port kept across
+        restarts can be taken by another process while the daemon is down."""
         async with httpx.AsyncClient() as client:
             with anyio.move_on_after(30.0) as waiting:
-                while not (until and until()) and not await answers(client, url):
+                while not (until and until()):
+                    listen = self._listening()
+                    if listen is not None and await answers(client, f"http://{listen}/readyz"):
+                        break
                     self._check_alive()
                     await anyio.sleep(0.02)
         if waiting.cancelled_caught:
@@ -269,7 +299,10 @@ class Crashes:
 
     def _check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
-            pytest.fail(f"the daemon exited by itself ({self.process.returncode}){self.context()}")
+            pytest.fail(
+                f"the daemon exited by itself ({self.process.returncode}){self.context()}\n"
+                f"its whole output:\n{self.run_output()}"
+            )
 
     async def _kill(self, aim: str) -> None:
         assert self.process is not None
@@ -305,13 +338,7 @@ class Crashes:
 
     async def finish(self, done: Callable[[], bool], what: str) -> None:
         """Start the daemon one last time, wait for ``done`` and settling, stop it with SIGTERM."""
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "coalmine", "run"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        self.start()
         await self._ready()
         if not await self._wait(lambda: done() and self.settled(), 45.0):
             pytest.fail(f"the last run never reached {what}{self.context()}")
@@ -405,12 +432,15 @@ async def simulated(
                 **sim.environment(),
                 "COALMINE_POLICIES": str(tmp_path / "policy.yaml"),
                 "COALMINE_STATE_URL": backend.url,
-                "COALMINE_LISTEN": f"127.0.0.1:{localprom.free_port()}",
+                "COALMINE_LISTEN": "127.0.0.1:0",  # each run's port: see Crashes._ready
                 "COALMINE_DISCOVERY_INTERVAL": "1s",
                 "COALMINE_DRIFT_INTERVAL": "1s",  # idle scripts read every second
                 "COALMINE_CANARY_DRIFT_INTERVAL": "1s",  # and canaries at every tick
                 # on PostgreSQL each restart is the same replica: it takes its lease back at once
                 "COALMINE_REPLICA_ID": "crash-test",
+                # an internal error prints its traceback (and exits 1, not 70): the failure
+                # message then shows where it came from
+                "COALMINE_DEBUG": "1",
             }
             if prometheus:
                 env["COALMINE_PROMETHEUS_URL"] = stack.enter_context(

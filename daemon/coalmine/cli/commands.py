@@ -421,11 +421,21 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.format, offline=args.offline)
 
 
+def _sole(error: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups of one, else ``error`` itself."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``coalmine`` console script."""
     args = _parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        try:
+            return int(args.handler(args))
+        except BaseExceptionGroup as group:  # what a task raised, wrapped by its task group
+            raise _sole(group) from None
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
