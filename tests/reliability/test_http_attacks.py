@@ -207,8 +207,11 @@ class Crowd:
         self.stop = threading.Event()
 
     def open(self, count: int, first_bytes: bytes = b"") -> None:
-        """Open ``count`` connections (some may be refused or reset: that is the point)."""
+        """Open ``count`` connections (some may be refused or reset: that is the point); stop
+        early once told to (a worker thread cannot be cancelled: it must end by itself)."""
         for _ in range(count):
+            if self.stop.is_set():
+                return
             with suppress(OSError):
                 sock = self.target.connect()
                 if first_bytes:
@@ -241,18 +244,22 @@ async def test_idle_and_slowloris_crowds_and_a_breach_still_rolls_back(tmp_path:
             await anyio.to_thread.run_sync(idle.open, 1100)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(anyio.to_thread.run_sync, slow.trickle)
-                await anyio.to_thread.run_sync(slow.open, 1500, b"GET /healthz HTTP/1.1\r\n")
-                target.prometheus.ratio = "0.5"  # the canary breaks while under attack
+                try:
+                    await anyio.to_thread.run_sync(slow.open, 1500, b"GET /healthz HTTP/1.1\r\n")
+                    target.prometheus.ratio = "0.5"  # the canary breaks while under attack
 
-                def rolled_back() -> bool:
-                    posts = target.sim.deployment_posts("api")
-                    last = posts[-1] if posts else {}
-                    return last.get("versions") == [  # type: ignore[attr-defined]
-                        {"version_id": target.stable, "percentage": 100}
-                    ]
+                    def rolled_back() -> bool:
+                        posts = target.sim.deployment_posts("api")
+                        last = posts[-1] if posts else {}
+                        return last.get("versions") == [  # type: ignore[attr-defined]
+                            {"version_id": target.stable, "percentage": 100}
+                        ]
 
-                await wait_for(rolled_back, 60)
-                slow.stop.set()
+                    await wait_for(rolled_back, 60)
+                finally:
+                    # inside the task group: it waits for the trickle thread, which ends only
+                    # when told to (set outside, a failed wait hung the test forever)
+                    slow.stop.set()
         finally:
             idle.close()
             slow.close()
