@@ -13,10 +13,12 @@ import pytest
 
 from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient
+from coalmine.cloudflare.plan import Group, budgets
 from coalmine.engine import Observation
 from coalmine.retry import RetryPolicy
 from coalmine.sources import Target
 from coalmine.sources.cloudflare import CloudflareAnalytics
+from tests.unit.test_budget_plan import ACCOUNT
 from tests.unit.test_cloudflare_analytics import rule
 
 pytestmark = pytest.mark.anyio
@@ -117,10 +119,9 @@ async def test_a_canary_new_in_a_window_asks_once_and_its_later_ticks_share_the_
         assert canary.error is None and canary.value == 2 * (i % len(SCRIPTS))
 
 
-async def test_one_query_per_window_once_the_canaries_are_known() -> None:
-    """At the next window every known canary's rules are served by one query, each script's
-    observations from its own rows."""
-    later = AT + timedelta(minutes=1)
+async def next_window(longest: timedelta) -> tuple[list[dict[str, Any]], dict[str, Observation]]:
+    """Every script's first tick a window before, then its canary and stable at the next: the
+    queries sent for the next window, and what each got."""
     sent: list[dict[str, Any]] = []
     seen: dict[str, Observation] = {}
 
@@ -138,16 +139,22 @@ async def test_one_query_per_window_once_the_canaries_are_known() -> None:
             limiter=TokenBucket(600),
             retry=RetryPolicy(1),
         )
-        source = CloudflareAnalytics(client, "acc", longest_window=timedelta(minutes=2))
+        source = CloudflareAnalytics(client, "acc", longest_window=longest)
         for script in SCRIPTS:  # their first ticks, a window earlier
             await source.fetch(rule("errors"), target(script), AT - timedelta(minutes=1))
         before = len(sent)
         for script in SCRIPTS:
             for role in ("canary", "stable"):
                 seen[f"{script}/{role}"] = await source.fetch(
-                    rule("errors"), target(script, role), later
+                    rule("errors"), target(script, role), AT + timedelta(minutes=1)
                 )
-    batch = sent[before:]
+    return sent[before:], seen
+
+
+async def test_one_query_per_window_once_the_canaries_are_known() -> None:
+    """At the next window every known canary's rules are served by one query, each script's
+    observations from its own rows."""
+    batch, seen = await next_window(timedelta(minutes=2))
     assert len(batch) == 1
     where = batch[0]["variables"]["filter"]
     assert where["scriptName_in"] == SCRIPTS
@@ -207,3 +214,17 @@ async def test_without_script_name_in_each_script_asks_for_itself() -> None:
     assert all("scriptName" in s["variables"]["filter"] for s in sent)
     assert all("scriptName_in" not in s["variables"]["filter"] for s in sent)
     assert all(o.error is None for wave in waves for o in wave)
+
+
+async def test_canaries_beyond_a_page_of_rows_ask_as_many_queries_as_the_plan_counts() -> None:
+    """A day-long window fills a page with two canaries' rows: the five known canaries are
+    asked in three queries, each script's observation from its own rows; the budget plan
+    counts those three per interval, not one."""
+    sent, seen = await next_window(timedelta(days=1))
+    batches = [b["variables"]["filter"].get("scriptName_in", ["one"]) for b in sent]
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert sorted(s for b in batches for s in b if s != "one") == SCRIPTS[:4]
+    assert [seen[f"{s}/canary"].value for s in SCRIPTS] == [2 * i for i in range(len(SCRIPTS))]
+    planned = Group("p", 30.0, True, live=len(SCRIPTS), idle=0, window=86400.0)
+    _, graphql = budgets(ACCOUNT._replace(groups=(planned,)))
+    assert dict(graphql.parts)["analytics"] == len(batches) * 300 / 30

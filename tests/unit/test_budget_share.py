@@ -388,3 +388,4 @@ def test_the_planner_sizes_the_buckets_and_plans_the_held_scripts_at_each_round(
     current = planner.plan
     assert current is not None and current.rest.limit == 600
     assert current.inputs.live + current.inputs.idle == 4
+    assert current.inputs.groups[0].window == 300.0  # its rows per query: the plan's pages

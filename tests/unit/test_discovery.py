@@ -21,7 +21,9 @@ from coalmine.cloudflare.discovery import (
     Watch,
     serving,
 )
+from coalmine.cloudflare.plan import Group, budgets
 from coalmine.retry import RetryPolicy
+from tests.unit.test_budget_plan import ACCOUNT
 
 NOW = datetime(2026, 3, 3, 18, 10, 5, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -338,3 +340,22 @@ async def test_falling_back_wakes_the_idle_loops_not_the_canaries() -> None:
                 tg.cancel_scope.cancel()
     assert watch.mode is Mode.FALLBACK
     assert idle.woken >= 1 and canary.woken == 0
+
+
+@pytest.mark.anyio
+async def test_scripts_beyond_one_query_are_asked_in_chunks_the_plan_counts() -> None:
+    """4,500 scripts: three queries of at most 2,000 names, and the budget plan counts those
+    three per discovery interval, not one."""
+    watch, _ = watch_of(**{f"s{i:04d}": ("v1",) for i in range(4500)})
+    sent: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"data": answer([])})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        assert await discovery(handler, watch, http).once() is False
+    assert [len(s["variables"]["filter"]["scriptName_in"]) for s in sent] == [2000, 2000, 500]
+    idle = Group("p", 30.0, False, live=0, idle=4500)
+    _, graphql = budgets(ACCOUNT._replace(groups=(idle,)))
+    assert dict(graphql.parts)["discovery"] == len(sent) * 300 / 60

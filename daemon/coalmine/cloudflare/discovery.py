@@ -48,13 +48,14 @@ from coalmine.cloudflare.client import (
     GraphQLAnswerError,
     LiveDeployment,
 )
+from coalmine.cloudflare.plan import ROWS_PER_QUERY, SCRIPTS_PER_DISCOVERY
 from coalmine.engine.model import format_time
 from coalmine.sources.cloudflare import FILTER_TYPE, INTROSPECTION, missing_fields
 
 log = structlog.get_logger("coalmine")
 CHECK = "cloudflare_discovery"  # its name in /health
-MAX_ROWS = 10000  # the dataset's page size; a full page may have been cut short
-CHUNK = 2000  # scripts per query (a few versions each stay far under a page)
+MAX_ROWS = ROWS_PER_QUERY  # the dataset's page size; a full page may have been cut short
+CHUNK = SCRIPTS_PER_DISCOVERY  # scripts per query (a few versions each stay far under a page)
 MIN_LOOKBACK = timedelta(minutes=5)
 REQUIRED_FILTERS = ("datetime_geq", "datetime_lt")
 REQUIRED_GROUP = {"sum": ("requests",), "dimensions": ("scriptName", "scriptVersion")}

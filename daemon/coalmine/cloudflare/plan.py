@@ -13,9 +13,10 @@ REST
   - an idle script: ``300 / COALMINE_DRIFT_INTERVAL`` reads; when account-wide discovery is
     unavailable (the fallback), ``300 / COALMINE_DISCOVERY_INTERVAL`` instead.
 GraphQL
-  - ``300 / COALMINE_DISCOVERY_INTERVAL``: the account-wide query;
+  - ``300 / COALMINE_DISCOVERY_INTERVAL``: the account-wide query, one per 2,000 scripts;
   - ``300 / interval`` for each distinct ``analysis.interval`` among the live canaries with
-    ``source: cloudflare`` rules: one batched analytics query for all of them;
+    ``source: cloudflare`` rules: one batched analytics query for all of them, or as many as
+    one page of rows needs (:func:`canaries_per_query`);
   - the schema introspection at start-up: once, not counted.
 
 The plan fits when REST's total leaves the rollbacks' reserve of the REST token bucket
@@ -29,7 +30,8 @@ held, not a fair share of all: the leases balance the number of scripts, not the
 replica whose scripts need more than its share waits on its own bucket whatever the others
 spend. The whole account (:attr:`Inputs.account`, every watched script) must fit the token's
 whole limits too, with one discovery query per interval from each replica holding scripts and
-one analytics query per interval from each replica holding such canaries (at most). Summed
+one analytics query per interval from each replica holding such canaries (at most; more when
+there are more scripts or canaries than one query answers). Summed
 over the replicas, their own plans are the account's: so an account that does not fit always
 shows as some replica whose own plan does not fit.
 
@@ -53,6 +55,8 @@ REST_MAX = 1200  # Cloudflare's REST budget per token and 5 minutes (the setting
 GRAPHQL_MAX = 300  # Cloudflare's GraphQL budget per 5 minutes (the setting's bound)
 WRITES_PER_CANARY = 2.0  # a write and its read-back per live canary per 5 minutes
 LIMIT_STEP = 10  # suggested limits are rounded up to this
+ROWS_PER_QUERY = 10000  # workersInvocationsAdaptive's page (limit)
+SCRIPTS_PER_DISCOVERY = 2000  # scripts one discovery query asks for (a few rows each)
 
 # Durations a suggestion may name, shortest first; the last of each kind's ladder is the most
 # that is still sensible (an idle script read once a day; a canary judged every 10 minutes).
@@ -79,6 +83,13 @@ VARIABLES = {
 }
 
 
+def canaries_per_query(longest: float) -> int:
+    """Canaries one analytics query answers in a page: two versions, a row a minute over the
+    longest ``source: cloudflare`` window (seconds) and the minute it straddles."""
+    minutes = math.ceil(max(longest, 60.0) / 60) + 1
+    return max(1, ROWS_PER_QUERY // (2 * minutes) - 1)
+
+
 class Group(NamedTuple):
     """The watched scripts of one policy: they cost alike. (Named tuples, as are
     :class:`Inputs`: the fixes' search builds a few thousand variants, and ``_replace`` is
@@ -89,6 +100,7 @@ class Group(NamedTuple):
     analytics: bool  # whether the policy has `source: cloudflare` rules
     live: int  # scripts with a live canary
     idle: int  # scripts without one
+    window: float = 0.0  # its longest `source: cloudflare` rule window, seconds
 
 
 class Inputs(NamedTuple):
@@ -315,7 +327,7 @@ def _budgets(
     fixes' search computes this a few hundred times)."""
     window = WINDOW
     canary_drift = max(inputs.canary_drift, 1.0)
-    canary_reads, live, idle = 0.0, 0, 0
+    canary_reads, live, idle, longest = 0.0, 0, 0, 0.0
     intervals: dict[float, int] = {}
     for g in groups:
         if g.live:
@@ -323,6 +335,7 @@ def _budgets(
             live += g.live
             if g.analytics:
                 intervals[g.interval] = intervals.get(g.interval, 0) + g.live
+                longest = max(longest, g.window)
         idle += g.idle
     if inputs.account_wide:
         idle_part = ("idle reads", idle * window / max(inputs.drift, 1.0))
@@ -337,13 +350,19 @@ def _budgets(
         reserve,
         (("canary reads", canary_reads), ("canary writes", WRITES_PER_CANARY * live), idle_part),
     )
-    # one query per interval from each replica holding such canaries (at most)
-    analytics = sum(window / max(i, 1.0) * min(n, queriers) for i, n in intervals.items())
+    # per interval, a query from each replica holding such canaries (at most) or one per page
+    # their rows fill; discovery: one from each replica holding scripts, or one per 2,000
+    most = canaries_per_query(longest)
+    analytics = sum(
+        window / max(i, 1.0) * max(min(n, queriers), math.ceil(n / most))
+        for i, n in intervals.items()
+    )
+    asks = max(queriers, math.ceil((live + idle) / SCRIPTS_PER_DISCOVERY)) if queriers else 0
     graphql = Budget(
         "graphql",
         inputs.graphql_limit / share,
         0.0,  # GraphQL's bucket keeps no reserve: rollbacks are REST calls
-        (("discovery", queriers * window / max(inputs.discovery, 1.0)), ("analytics", analytics)),
+        (("discovery", asks * window / max(inputs.discovery, 1.0)), ("analytics", analytics)),
     )
     return rest, graphql
 

@@ -176,13 +176,17 @@ class BudgetPlanner:
 def _groups(scripts: Iterable[Watched]) -> tuple[Group, ...]:
     """Scripts cost alike when their policies poll alike (a reload may leave a running rollout
     on its old policy of the same name)."""
-    groups: dict[tuple[str, float, bool], list[int]] = {}
+    groups: dict[tuple[str, float, bool, float], list[int]] = {}
     for w in scripts:
-        analytics = any(r.source == "cloudflare" for r in w.policy.rules)
-        key = (w.policy.name, w.policy.analysis.interval.total_seconds(), analytics)
+        windows = [r.window.total_seconds() for r in w.policy.rules if r.source == "cloudflare"]
+        interval = w.policy.analysis.interval.total_seconds()
+        key = (w.policy.name, interval, bool(windows), max(windows, default=0.0))
         counts = groups.setdefault(key, [0, 0])
         counts[0 if w.live else 1] += 1
-    return tuple(Group(*key, *counts) for key, counts in sorted(groups.items()))
+    return tuple(
+        Group(name, interval, analytics, live, idle, window)
+        for (name, interval, analytics, window), (live, idle) in sorted(groups.items())
+    )
 
 
 def _limit(limit: float) -> float:

@@ -45,6 +45,7 @@ import anyio
 import structlog
 
 from coalmine.cloudflare.client import CloudflareClient, CloudflareError
+from coalmine.cloudflare.plan import ROWS_PER_QUERY, canaries_per_query
 from coalmine.engine import Observation
 from coalmine.engine.model import format_time
 from coalmine.policy import Rule
@@ -53,7 +54,7 @@ from coalmine.store.records import NewNotification
 
 log = structlog.get_logger("coalmine")
 CHECK = "cloudflare_analytics_schema"  # its name in /health
-MAX_ROWS = 10000  # the dataset's page size
+MAX_ROWS = ROWS_PER_QUERY  # the dataset's page size
 WANTED_FOR = timedelta(minutes=10)  # a script stays in the batch this long after it last asked
 FILTER_TYPE = "AccountWorkersInvocationsAdaptiveFilter_InputObject"
 GROUP_TYPE = "AccountWorkersInvocationsAdaptive"
@@ -278,8 +279,7 @@ class CloudflareAnalytics:
         covers = {script: versions}
         if not self.batched:
             return covers
-        minutes = math.ceil(max(self._longest, timedelta(minutes=1)).total_seconds() / 60) + 1
-        most = max(1, MAX_ROWS // (2 * minutes) - 1)  # two versions a script, one row a minute
+        most = canaries_per_query(self._longest.total_seconds())  # what the budget plan counts
         for other, (wanted, last) in self._wanted.items():
             if len(covers) >= most:
                 break
