@@ -130,10 +130,23 @@ def _ts(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _file_id(path: str) -> tuple[int, int]:
-    """The file system's name for the file at ``path``: (device, inode)."""
+def _file_id(path: str | int) -> tuple[int, int]:
+    """The file system's name for the file at ``path`` (or open as ``path``): (device, inode)."""
     st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+def _hold(path: str) -> int:
+    """A descriptor on the database file, held open as long as the store's connection.
+
+    The store reads the file itself (its header) only through this descriptor, never through
+    one it opens and closes again: closing *any* descriptor of a file drops every POSIX lock
+    the process holds on it, SQLite's included, and the next connection of another process
+    to close (an operator's ``sqlite3``, a backup, ``coalmine journal verify``) then takes
+    itself for the last one, checkpoints and deletes the WAL under the daemon: what the daemon
+    commits afterwards is lost at its next crash (https://sqlite.org/howtocorrupt.html, 2.2).
+    """
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 class SqliteStore(SqliteLeaseOps):
@@ -151,7 +164,12 @@ class SqliteStore(SqliteLeaseOps):
         except sqlite3.Error as exc:
             raise StoreError(explain(self.path, exc)) from None
         try:
-            self._file = _file_id(self.path)
+            self._fd = _hold(self.path)
+        except OSError as exc:
+            self._db.close()
+            raise StoreError(f"state database {self.path} cannot be read: {exc}") from None
+        try:
+            self._file = _file_id(self._fd)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -162,16 +180,19 @@ class SqliteStore(SqliteLeaseOps):
                 (_ts(datetime.now(UTC)),),
             )
             self.opened_identity = self._read_identity(self._db)
-        except sqlite3.Error as exc:
-            self._db.close()
+        except (sqlite3.Error, StoreError) as exc:
+            self.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(explain(self.path, exc)) from None
-        except StoreError:
-            self._db.close()
-            raise
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (the connection first: only then may its file's lock go)."""
         self._db.close()
+        fd, self._fd = self._fd, -1  # closed once: its number may be another file's next
+        if fd >= 0:
+            with suppress(OSError):
+                os.close(fd)
 
     def restore(self) -> None:
         """Write the database back to :attr:`path` from the open connection, after its file
@@ -196,14 +217,15 @@ class SqliteStore(SqliteLeaseOps):
             part.unlink(missing_ok=True)
             raise StoreError(f"state database {self.path} cannot be restored: {exc}") from None
         part.unlink()
-        self._db.close()  # its -wal and -shm belong to the deleted file: never to the copy
+        self.close()  # its -wal and -shm belong to the deleted file: never to the copy
         for suffix in ("-wal", "-shm"):
             Path(self.path + suffix).unlink(missing_ok=True)
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=2.0
             )
-            self._file = _file_id(self.path)
+            self._fd = _hold(self.path)
+            self._file = _file_id(self._fd)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -251,8 +273,7 @@ class SqliteStore(SqliteLeaseOps):
         try:
             if _file_id(self.path) != self._file:
                 raise StoreError(f"state database {self.path} was replaced by another file")
-            with Path(self.path).open("rb") as f:
-                header = f.read(len(SQLITE_HEADER))
+            header = os.pread(self._fd, len(SQLITE_HEADER), 0)  # the file at the path: see _hold
         except FileNotFoundError:
             raise StoreError(f"state database {self.path} was deleted") from None
         except OSError as exc:
