@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -19,6 +20,7 @@ from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient
 from coalmine.engine import Engine, Observation, RolloutPhase
 from coalmine.engine.state import RolloutState, RuleStatus, RuleTrack
+from coalmine.errors import StoreError
 from coalmine.policy import Rule
 from coalmine.retry import RetryPolicy
 from coalmine.server.metrics import Metrics
@@ -131,6 +133,88 @@ async def test_a_store_without_the_write_count_is_read_every_time(tmp_path: Path
         for _ in range(3):
             assert await actuator.reconcile("api") == []
     assert inner.reads == 3
+
+
+class GatedStore(CountingStore):
+    """A store whose open-intent read takes its snapshot, then waits at a gate (its I/O), so
+    something can happen between the two; or fails while ``unreadable``."""
+
+    gate: anyio.Event | None = None
+    reading: anyio.Event | None = None
+    unreadable = False
+
+    async def open_intents(self) -> list[Intent]:
+        if self.unreadable:
+            raise StoreError("database is locked")
+        snapshot = await super().open_intents()
+        if self.gate is not None and self.reading is not None:
+            self.reading.set()
+            await self.gate.wait()
+        return snapshot
+
+
+async def test_a_kept_rollback_written_during_a_read_is_tried_at_the_next_reconcile(
+    tmp_path: Path,
+) -> None:
+    """A rollback kept while the store was down, and not yet applied (Cloudflare failing):
+    the store is back and another tick's flush writes it while api's read is under way; the
+    read saw it in neither place, yet the next reconcile reads again and tries it (it was
+    skipped for QUIET_RECHECK, 60 s, before)."""
+    inner = GatedStore(SqliteStore(tmp_path / "state.db"))
+    store = KeepingStore(inner, lambda: at(0))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(down)) as http:
+        actuator = Actuator(client(http), store, lambda: at(1))
+        store.keep("api", {"n": 1}, [], [], at(0), [ROLLBACK])
+        ((_, failed),) = await actuator.reconcile("api")
+        assert isinstance(failed, Exception)
+        inner.gate, inner.reading = anyio.Event(), anyio.Event()
+        seen: list[object] = []
+
+        async def read() -> None:
+            seen.append(await actuator.reconcile("api"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await inner.reading.wait()
+            await store.flush()
+            inner.gate.set()
+        inner.gate = None
+        assert seen == [[]]  # in neither half of that read
+        ((intent, outcome),) = await actuator.reconcile("api")
+    assert intent.kind == "rollback" and isinstance(outcome, Exception)
+
+
+async def test_a_read_of_kept_intents_only_never_makes_a_script_quiet(tmp_path: Path) -> None:
+    """While the store cannot be read, a reconcile sees only what is kept in memory; api's
+    stored rollback is not among it, and api is read again once the store answers."""
+    inner = GatedStore(SqliteStore(tmp_path / "state.db"))
+    store = KeepingStore(inner, lambda: at(0))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(down)) as http:
+        actuator = Actuator(client(http), store, lambda: at(1))
+        await store.commit("api", {}, now=at(0), intents=[ROLLBACK])
+        ((_, failed),) = await actuator.reconcile("api")
+        assert isinstance(failed, Exception)
+        other = dataclasses.replace(ROLLBACK, script="web")
+        store.keep("web", {}, [], [], at(0), [other])
+        inner.unreadable = True
+        assert await actuator.reconcile("api") == []
+        inner.unreadable = False
+        ((intent, _),) = await actuator.reconcile("api")
+    assert intent.script == "api" and intent.kind == "rollback"
+
+
+async def test_a_clock_stepped_back_does_not_stretch_the_quiet_time(tmp_path: Path) -> None:
+    """Found quiet at 12:00, the clock stepped back an hour: the next reconcile reads again
+    (a wall clock stepping back never stretches QUIET_RECHECK)."""
+    inner = CountingStore(SqliteStore(tmp_path / "state.db"))
+    store = KeepingStore(inner, lambda: at(0))
+    now = [at(3600)]
+    async with httpx.AsyncClient(transport=httpx.MockTransport(down)) as http:
+        actuator = Actuator(client(http), store, lambda: now[0])
+        assert await actuator.reconcile("api") == []
+        now[0] = at(0)
+        assert await actuator.reconcile("api") == []
+    assert inner.reads == 2
 
 
 # ---- the analytics answer already in -------------------------------------------------------

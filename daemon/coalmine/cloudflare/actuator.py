@@ -292,21 +292,24 @@ class Actuator:
         """Apply every open intent (of one script, or all), oldest first; report each outcome.
 
         A script read with none open is not read again (no store round trip each tick) until
-        an intent is written through the store (``intent_writes``), :meth:`forget` or
-        :data:`QUIET_RECHECK` passed."""
+        open intents may have moved in the store (``intent_writes``: an intent written or kept,
+        kept records written), :meth:`forget`, or :data:`QUIET_RECHECK` passed. A read during
+        which they moved proves nothing: the script stays unquiet."""
         writes: int | None = getattr(self._store, "intent_writes", None)
         now = self._clock()
         if script is not None and writes is not None:
             quiet = self._quiet.get(script)
-            if quiet is not None and quiet[0] == writes and now - quiet[1] < QUIET_RECHECK:
-                return []
+            if quiet is not None and quiet[0] == writes:
+                if timedelta(0) <= now - quiet[1] < QUIET_RECHECK:  # a clock stepped back: read
+                    return []
         outcomes: list[tuple[Intent, Applied | Exception]] = []
         stored = await self._store.open_intents()
         if script is not None and writes is not None:
-            if any(intent.script == script for intent in stored):
-                self._quiet.pop(script, None)
-            else:
+            still = getattr(self._store, "intent_writes", None) == writes
+            if still and not any(intent.script == script for intent in stored):
                 self._quiet[script] = (writes, now)
+            else:
+                self._quiet.pop(script, None)
         for intent in stored:
             if script is not None and intent.script != script:
                 continue

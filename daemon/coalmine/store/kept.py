@@ -87,8 +87,10 @@ class KeepingStore:
         self._clock = clock
         self._provisional = 0
         self._renamed: dict[int, int] = {}  # provisional id -> stored id, once written
-        # intents written (or kept) by this process so far: a reader that found none open
-        # knows to look again when this moved (the actuator's quiet scripts)
+        # moves whenever open intents may have moved: written or kept by this process, kept
+        # records written, a read that could see only the kept ones. A reader that found none
+        # open trusts that only while this stands still, read before and after (the
+        # actuator's quiet scripts)
         self.intent_writes = 0
 
     @property
@@ -161,6 +163,7 @@ class KeepingStore:
 
     async def _write(self, item: KeptTick | KeptFinish) -> list[KeptTick | KeptFinish]:
         """Write one kept item; returns what remains of it (a tick's intents' outcomes)."""
+        self.intent_writes += 1  # its intents move from memory to the store, maybe mid-read
         if isinstance(item, KeptFinish):
             await self.inner.finish_intent(item.intent_id, item.result, item.now, item.entry)
             return []
@@ -235,6 +238,7 @@ class KeepingStore:
             if not self.kept:
                 raise
             log.error("state store unreadable; applying kept intents only", error=str(exc))
+            self.intent_writes += 1  # stored ones unseen: nobody may conclude there are none
             stored = []
         finished = {item.intent_id for item in self.kept if isinstance(item, KeptFinish)}
         ticks = self.kept_ticks()
