@@ -106,6 +106,20 @@ def test_a_shares_reserve_is_its_own_rollbacks() -> None:
     assert mine.wait_for("rollback") == 0
 
 
+@pytest.mark.parametrize("replicas", [7, 20, 60])
+def test_however_thin_the_share_its_reserve_holds_a_whole_rollback(replicas: int) -> None:
+    """600 per 5 minutes over many replicas: a share's tenth of its burst is under one token,
+    yet its reads stop a whole token short, and a rollback goes at once (it waited 0.5 s at 7
+    replicas and 24 s at 60 with a reserve of a fraction of a token: found in review)."""
+    clock = Clock()
+    bucket = TokenBucket(600, replicas=replicas, clock=clock)
+    assert bucket.reserve >= 1.0 and bucket.capacity >= bucket.reserve + 1.0
+    while bucket.wait_for("read") == 0:
+        pass
+    assert bucket.wait_for("rollback") == 0
+    assert write_reserve(600, replicas=replicas) == bucket.reserve  # what the plan keeps
+
+
 def test_the_graphql_sibling_and_the_per_second_cap_are_shared_too() -> None:
     """GraphQL's bucket follows REST's share; Cloudflare's account-wide 1 query a second
     (account-based GraphQL limits) is split between the replicas as well."""

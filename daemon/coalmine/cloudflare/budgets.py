@@ -66,12 +66,15 @@ def size(
     """One replica's bucket when ``replicas`` live replicas share a token's ``per_window``
     calls per 5 minutes (pure). Each share refills at ``per_window / replicas``, holds that
     share's burst (at least 2 tokens: a read and a write) and keeps that share's reserve for
-    writes, so the shares' reserves add up to the token's. ``per_second``: Cloudflare limits
+    writes, so the shares' reserves add up to the token's (each at least one token: a whole
+    rollback call, when the shares are thin). ``per_second``: Cloudflare limits
     the whole account to that many calls a second (account-based GraphQL), shared alike."""
     replicas = max(1, replicas)
     share = per_window / replicas
     rate, capacity = share / WINDOW, _capacity(share, burst_fraction)
     reserve = capacity * reserve_fraction
+    if reserve_fraction > 0:  # at least one whole write, however thin the share
+        reserve = min(max(1.0, reserve), capacity - 1.0)
     if per_second < math.inf:
         calls = per_second / replicas
         rate, capacity = min(rate, calls), min(capacity, max(1.0, calls))
