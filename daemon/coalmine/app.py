@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import httpx
@@ -43,11 +44,10 @@ from coalmine.server.http import serve
 from coalmine.server.metrics import Metrics
 from coalmine.settings import Settings
 from coalmine.sources import Source
+from coalmine.sources.build import build_sources, cover
 from coalmine.sources.cloudflare import CHECK, CloudflareAnalytics, schema_page
 from coalmine.sources.pagerduty import NAME as PAGERDUTY_API
 from coalmine.sources.pagerduty import IncidentFreeze
-from coalmine.sources.prometheus import PrometheusSource
-from coalmine.sources.webhook import WebhookSource
 from coalmine.store import StateStore, open_store
 from coalmine.store.kept import KeepingStore
 from coalmine.store.leases import OUTBOX, exclusive_file, shared
@@ -56,6 +56,8 @@ from coalmine.store.records import StoreIdentity, Verification
 log = structlog.get_logger("coalmine")
 JOURNAL_CHECK_EVERY = 3600.0  # seconds between hash-chain checks of the journal
 GOLDEN = (5**0.5 - 1) / 2
+Task = Callable[[], Coroutine[Any, Any, object]]
+Start = Callable[[Task], None]  # runs a task in the daemon's task group
 
 
 def loop_phase(i: int) -> float:
@@ -75,41 +77,6 @@ def _now() -> datetime:
 def _secret(value: object) -> str | None:
     getter = getattr(value, "get_secret_value", None)
     return getter() if getter else None
-
-
-def build_sources(
-    settings: Settings,
-    http: httpx.AsyncClient,
-    cloudflare: CloudflareClient,
-    observe: Callable[[str, float, str | None], None],
-    policies: list[Policy],
-    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
-) -> dict[str, Source]:
-    """The configured sources, each call reported through ``observe``."""
-    sources: dict[str, Source] = {}
-    if settings.prometheus_url:
-        sources["prometheus"] = PrometheusSource(
-            http, settings.prometheus_url, observe=observe, sleep=sleep
-        )
-    if settings.grafana_url and settings.grafana_token and settings.grafana_datasource_uid:
-        proxy = (
-            f"{settings.grafana_url}/api/datasources/proxy/uid/{settings.grafana_datasource_uid}"
-        )
-        headers = {"Authorization": f"Bearer {settings.grafana_token.get_secret_value()}"}
-        sources["grafana"] = PrometheusSource(
-            http, proxy, observe=observe, headers=headers, name="grafana", sleep=sleep
-        )
-    rules = [r for p in policies for r in p.rules if r.source == "cloudflare"]
-    if rules and settings.cloudflare_account_id:
-        sources["cloudflare"] = CloudflareAnalytics(
-            cloudflare,
-            settings.cloudflare_account_id,
-            longest_window=max(r.window for r in rules),
-            signals={r.signal for r in rules if r.signal is not None},
-        )
-    if any(r.source == "webhook" for p in policies for r in p.rules):
-        sources["webhook"] = WebhookSource(http, observe=observe)
-    return sources
 
 
 def check_live_settings(settings: Settings, policies: list[Policy]) -> None:
@@ -160,6 +127,8 @@ class Daemon:
     leases: LeaseKeeper | None = None
     planner: BudgetPlanner | None = None
     discovery: Discovery | None = None  # the account-wide signal of new splits
+    # what the settings build for a set of policies (a reload's new rules may need more)
+    build: Callable[[list[Policy]], dict[str, Source]] | None = None
 
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve HTTP, deliver notifications and run every script's loop until cancelled.
@@ -251,11 +220,15 @@ class Daemon:
         else:
             log.error("cannot accept HTTP connections", error=error)
 
-    async def reload(self, start: Callable[[ScriptLoop], None]) -> bool:
+    async def reload(
+        self, start: Callable[[Callable[[], Coroutine[Any, Any, object]]], None]
+    ) -> bool:
         """Load the policies again (SIGHUP): validated first, an invalid set refused with a
         warning and the running policies kept. A valid set replaces the loops' policies:
         ``start`` runs a loop for each new script, a removed script's loop stops after its
-        current tick, and running rollouts keep their state."""
+        current tick, and running rollouts keep their state. The sources grow to serve the new
+        rules (:func:`~coalmine.sources.build.cover`); a changed analytics query has its schema
+        checked again (``start`` runs that too)."""
         try:
             policies = prepare(self.settings)
         except LocalError as exc:
@@ -264,6 +237,11 @@ class Daemon:
                 error=str(exc),
             )
             return False
+        if self.build is not None:
+            fresh = self.build(policies)
+            self.health.expect(*(name for name in fresh if name not in self.shared.sources))
+            if cover(self.shared.sources, fresh, policies) is not None:
+                start(self.check_analytics_schema)
         options = Options(
             self.settings.auto_rollback, self.settings.auto_promote, self.settings.dry_run
         )
@@ -288,7 +266,7 @@ class Daemon:
                 else engine.new_state(script)
             )
             self.loops[script] = loop = ScriptLoop(script, policy, engine, state, self.shared)
-            start(loop)
+            start(loop.run)
         if self.planner is not None:
             self.planner.watch(watched(self.loops))
         log.info(
@@ -476,7 +454,18 @@ async def open_daemon(
             budget=planner.describe,
         )
         yield Daemon(
-            settings, raw, shared, loops, api, outbox, metrics, health, keeper, planner, discovery
+            settings,
+            raw,
+            shared,
+            loops,
+            api,
+            outbox,
+            metrics,
+            health,
+            keeper,
+            planner,
+            discovery,
+            lambda ps: build_sources(settings, http, cloudflare, observe, ps, sleep),
         )
 
 
@@ -573,8 +562,8 @@ async def run_until_signalled(settings: Settings, policies: list[Policy]) -> Non
                 stack.enter_context(exclusive_file(settings.state_path))
             async with anyio.create_task_group() as tg:
 
-                def start(loop: ScriptLoop) -> None:
-                    tg.start_soon(loop.run)
+                def start(run: Task) -> None:
+                    tg.start_soon(run)
 
                 async def watch_signals() -> None:
                     with anyio.open_signal_receiver(

@@ -6,7 +6,6 @@ import anyio
 import httpx
 import pytest
 
-from coalmine.app import build_sources
 from coalmine.cli.localprom import free_port
 from coalmine.cloudflare.budgets import TokenBucket
 from coalmine.cloudflare.client import CloudflareClient
@@ -15,6 +14,7 @@ from coalmine.settings import load_settings
 from coalmine.simulator import Simulator
 from coalmine.simulator.service import Request, Response, serve
 from coalmine.sources import Target
+from coalmine.sources.build import build_sources
 from tests.support import T0
 
 pytestmark = pytest.mark.anyio

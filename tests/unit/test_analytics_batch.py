@@ -228,3 +228,41 @@ async def test_canaries_beyond_a_page_of_rows_ask_as_many_queries_as_the_plan_co
     planned = Group("p", 30.0, True, live=len(SCRIPTS), idle=0, window=86400.0)
     _, graphql = budgets(ACCOUNT._replace(groups=(planned,)))
     assert dict(graphql.parts)["analytics"] == len(batches) * 300 / 30
+
+
+async def test_a_reload_with_a_longer_window_or_a_new_signal_asks_anew() -> None:
+    """A source built for 2-minute windows and error counts: covering a 10-minute rule (a
+    reload) forgets the answer already in and asks over 10 minutes, at the same window end; a
+    quantile signal changes the query's fields (True: the schema must be checked)."""
+    sent: list[dict[str, Any]] = []
+
+    def transport(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        sent.append(body)
+        return ok(body)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(transport)) as http:
+        client = CloudflareClient(
+            http,
+            base_url="https://cf/client/v4",
+            account_id="acc",
+            token="t",
+            limiter=TokenBucket(600),
+            retry=RetryPolicy(1),
+        )
+        source = CloudflareAnalytics(
+            client, "acc", longest_window=timedelta(minutes=2), signals={"errors"}
+        )
+        await source.fetch(rule("errors"), target("s0"), AT)
+        assert source.cover([rule("errors", "2m")]) is False
+        longer = rule("errors", "10m")
+        assert source.cover([longer]) is False  # the same fields, a longer span
+        await source.fetch(longer, target("s0"), AT)
+        assert source.cover([rule("cpu_time_p99")]) is True
+        assert "cpuTimeP99" in source.query and "cpuTimeP99" in source.batch_query
+    spans = [
+        datetime.fromisoformat(s["variables"]["filter"]["datetime_lt"])
+        - datetime.fromisoformat(s["variables"]["filter"]["datetime_geq"])
+        for s in sent
+    ]
+    assert spans == [timedelta(minutes=2), timedelta(minutes=10)]

@@ -299,9 +299,9 @@ class Actuator:
         now = self._clock()
         if script is not None and writes is not None:
             quiet = self._quiet.get(script)
-            if quiet is not None and quiet[0] == writes:
-                if timedelta(0) <= now - quiet[1] < QUIET_RECHECK:  # a clock stepped back: read
-                    return []
+            since = now - quiet[1] if quiet is not None else QUIET_RECHECK
+            if quiet is not None and quiet[0] == writes and timedelta(0) <= since < QUIET_RECHECK:
+                return []  # (a clock stepped back: since < 0, read at once)
         outcomes: list[tuple[Intent, Applied | Exception]] = []
         stored = await self._store.open_intents()
         if script is not None and writes is not None:

@@ -186,6 +186,28 @@ class CloudflareAnalytics:
         self.batched = True  # one query for every script (the schema has scriptName_in)
         self.queries = 0
 
+    def cover(self, rules: Iterable[Rule]) -> bool:
+        """Serve these rules too (a reload): the query spans their longest window if it is
+        longer (never shorter: running rollouts keep their old rules) and asks for their
+        signals' quantiles as well. Answers asked over the old span are forgotten, so no rule
+        is judged on rows that were never asked for. True when the query's fields changed
+        (Cloudflare's schema must be checked for them)."""
+        rules = [r for r in rules if r.source == "cloudflare"]
+        longest = max([self._longest, *(r.window for r in rules)])
+        signals = {r.signal for r in rules if r.signal in _QUANTILES}
+        quantiles = sorted({*self._quantiles, *(_QUANTILES[s] for s in signals if s)})
+        if longest == self._longest and quantiles == self._quantiles:
+            return False
+        self._longest = longest
+        self._queries.clear()
+        self._answered.clear()
+        if quantiles == self._quantiles:
+            return False
+        self._quantiles = quantiles
+        self.query = query_for(quantiles)
+        self.batch_query = query_for(quantiles, batched=True)
+        return True
+
     async def check_schema(self) -> str | None:
         """Ask Cloudflare (introspection) whether its schema has every type and field the query
         uses; the problem naming the missing ones, or None. Raises CloudflareError when
