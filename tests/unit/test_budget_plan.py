@@ -234,3 +234,14 @@ def test_changes_say_what_to_set() -> None:
         "raise COALMINE_CLOUDFLARE_RATE_LIMIT to 900 (now 600, at most 1200)",
         "watch 100 fewer idle scripts (now 950)",
     }
+
+
+def test_pages_are_sized_by_every_policys_window_as_the_source_sizes_them() -> None:
+    """An idle policy's hour-long Cloudflare window sizes the analytics source's pages (its
+    query spans every rule's window): 800 live canaries at 60 s with 5-minute windows then
+    need 10 queries a minute (80 a page), not one (832 a page)."""
+    live = Group("short", 60.0, True, live=800, idle=0, window=300.0)
+    idle = Group("long", 60.0, True, live=0, idle=10, window=3600.0)
+    alone = parts(ACCOUNT._replace(groups=(live,)))["graphql analytics"]
+    both = parts(ACCOUNT._replace(groups=(live, idle)))["graphql analytics"]
+    assert (alone, both) == (5.0, 50.0)

@@ -335,7 +335,7 @@ def _budgets(
             live += g.live
             if g.analytics:
                 intervals[g.interval] = intervals.get(g.interval, 0) + g.live
-                longest = max(longest, g.window)
+        longest = max(longest, g.window if g.analytics else 0.0)  # the source spans them all
         idle += g.idle
     if inputs.account_wide:
         idle_part = ("idle reads", idle * window / max(inputs.drift, 1.0))
