@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coalmine.cloudflare.budgets import TokenBucket, write_reserve
-from coalmine.cloudflare.plan import Change, Group, Inputs, budgets, plan
+from coalmine.cloudflare.plan import Change, Group, Inputs, budgets, plan, token_budgets
 
 # the issue's account: 1,000 scripts, 50 live canaries at 30 s with Cloudflare rules, defaults
 ACCOUNT = Inputs(
@@ -245,3 +245,15 @@ def test_pages_are_sized_by_every_policys_window_as_the_source_sizes_them() -> N
     alone = parts(ACCOUNT._replace(groups=(live,)))["graphql analytics"]
     both = parts(ACCOUNT._replace(groups=(live, idle)))["graphql analytics"]
     assert (alone, both) == (5.0, 50.0)
+
+
+def test_the_token_counts_each_replicas_discovery_chunks() -> None:
+    """5,000 scripts on two replicas: each asks about its 2,500 in two queries, so the token
+    plans four a minute (20 per 5 minutes), not three."""
+    every = (Group("p", 30.0, False, live=0, idle=5000),)
+    mine = (Group("p", 30.0, False, live=0, idle=2500),)
+    inputs = ACCOUNT._replace(groups=mine, account=every, replicas=2)
+    token = token_budgets(inputs)
+    assert token is not None
+    assert dict(token[1].parts)["discovery"] == 20
+    assert dict(budgets(inputs)[1].parts)["discovery"] == 10

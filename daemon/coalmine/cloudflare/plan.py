@@ -357,7 +357,7 @@ def _budgets(
         window / max(i, 1.0) * max(min(n, queriers), math.ceil(n / most))
         for i, n in intervals.items()
     )
-    asks = max(queriers, math.ceil((live + idle) / SCRIPTS_PER_DISCOVERY)) if queriers else 0
+    asks = queriers * max(1, math.ceil((live + idle) / max(queriers, 1) / SCRIPTS_PER_DISCOVERY))
     graphql = Budget(
         "graphql",
         inputs.graphql_limit / share,
