@@ -10,11 +10,15 @@ daemon, and what the daemon commits afterwards is gone at its next crash
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from coalmine.store.sqlite import SqliteStore
 
@@ -35,9 +39,33 @@ sys.stdin.readline()
 """
 
 
-def test_a_decision_committed_after_the_guards_check_survives_a_kill(tmp_path: Path) -> None:
-    """Tick 1, the guard's identity check, an operator's sqlite3 opened and closed, tick 2,
-    kill -9: the restarted store has tick 2 (it did not on a header read through open())."""
+def sqlite3_shell(path: Path) -> None:
+    """An operator's `sqlite3 state.db 'select ...'`."""
+    operator = sqlite3.connect(path)
+    assert operator.execute("SELECT count(*) FROM rollouts").fetchone() == (1,)
+    operator.close()
+
+
+def journal_verify(path: Path) -> None:
+    """An operator's `coalmine journal verify` (the runbook's)."""
+    verified = subprocess.run(
+        [sys.executable, "-m", "coalmine", "journal", "verify", "--state", f"sqlite:///{path}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ.get("PATH", "")},
+        check=False,
+    )
+    assert verified.returncode == 0 and verified.stdout.startswith("journal ok"), verified
+
+
+@pytest.mark.parametrize("operator", [sqlite3_shell, journal_verify])
+def test_a_decision_committed_after_the_guards_check_survives_a_kill(
+    tmp_path: Path, operator: Callable[[Path], None]
+) -> None:
+    """Tick 1, the guard's identity check, an operator's sqlite3 or `coalmine journal verify`
+    come and gone, tick 2, kill -9: the restarted store has tick 2 (it did not on a header read
+    through open())."""
     path = tmp_path / "state.db"
     daemon = subprocess.Popen(
         [sys.executable, "-c", DAEMON, str(path)],
@@ -48,9 +76,7 @@ def test_a_decision_committed_after_the_guards_check_survives_a_kill(tmp_path: P
     assert daemon.stdin is not None and daemon.stdout is not None
     try:
         assert daemon.stdout.readline() == "checked\n"
-        operator = sqlite3.connect(path)  # `sqlite3 state.db 'select ...'`
-        assert operator.execute("SELECT count(*) FROM rollouts").fetchone() == (1,)
-        operator.close()
+        operator(path)
         assert Path(f"{path}-wal").exists(), "the WAL was deleted under the running daemon"
         daemon.stdin.write("\n")
         daemon.stdin.flush()
