@@ -220,9 +220,7 @@ class Daemon:
         else:
             log.error("cannot accept HTTP connections", error=error)
 
-    async def reload(
-        self, start: Callable[[Callable[[], Coroutine[Any, Any, object]]], None]
-    ) -> bool:
+    async def reload(self, start: Start) -> bool:
         """Load the policies again (SIGHUP): validated first, an invalid set refused with a
         warning and the running policies kept. A valid set replaces the loops' policies:
         ``start`` runs a loop for each new script, a removed script's loop stops after its

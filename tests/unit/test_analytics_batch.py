@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -119,11 +120,11 @@ async def test_a_canary_new_in_a_window_asks_once_and_its_later_ticks_share_the_
         assert canary.error is None and canary.value == 2 * (i % len(SCRIPTS))
 
 
-async def next_window(longest: timedelta) -> tuple[list[dict[str, Any]], dict[str, Observation]]:
-    """Every script's first tick a window before, then its canary and stable at the next: the
-    queries sent for the next window, and what each got."""
+@asynccontextmanager
+async def recording(**kwargs: Any) -> AsyncIterator[tuple[CloudflareAnalytics, list[Any]]]:
+    """A source (``kwargs`` its options) on a transport answering :func:`ok`, and the bodies
+    of the queries it sent."""
     sent: list[dict[str, Any]] = []
-    seen: dict[str, Observation] = {}
 
     def transport(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
@@ -139,7 +140,14 @@ async def next_window(longest: timedelta) -> tuple[list[dict[str, Any]], dict[st
             limiter=TokenBucket(600),
             retry=RetryPolicy(1),
         )
-        source = CloudflareAnalytics(client, "acc", longest_window=longest)
+        yield CloudflareAnalytics(client, "acc", **kwargs), sent
+
+
+async def next_window(longest: timedelta) -> tuple[list[dict[str, Any]], dict[str, Observation]]:
+    """Every script's first tick a window before, then its canary and stable at the next: the
+    queries sent for the next window, and what each got."""
+    seen: dict[str, Observation] = {}
+    async with recording(longest_window=longest) as (source, sent):
         for script in SCRIPTS:  # their first ticks, a window earlier
             await source.fetch(rule("errors"), target(script), AT - timedelta(minutes=1))
         before = len(sent)
@@ -234,25 +242,10 @@ async def test_a_reload_with_a_longer_window_or_a_new_signal_asks_anew() -> None
     """A source built for 2-minute windows and error counts: covering a 10-minute rule (a
     reload) forgets the answer already in and asks over 10 minutes, at the same window end; a
     quantile signal changes the query's fields (True: the schema must be checked)."""
-    sent: list[dict[str, Any]] = []
-
-    def transport(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        sent.append(body)
-        return ok(body)
-
-    async with httpx.AsyncClient(transport=httpx.MockTransport(transport)) as http:
-        client = CloudflareClient(
-            http,
-            base_url="https://cf/client/v4",
-            account_id="acc",
-            token="t",
-            limiter=TokenBucket(600),
-            retry=RetryPolicy(1),
-        )
-        source = CloudflareAnalytics(
-            client, "acc", longest_window=timedelta(minutes=2), signals={"errors"}
-        )
+    async with recording(longest_window=timedelta(minutes=2), signals={"errors"}) as (
+        source,
+        sent,
+    ):
         await source.fetch(rule("errors"), target("s0"), AT)
         assert source.cover([rule("errors", "2m")]) is False
         longer = rule("errors", "10m")
